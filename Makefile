@@ -1,0 +1,28 @@
+# crv — the two commands a new user runs: `make demo` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.crv-installed
+
+.PHONY: demo test install benchmarks clean
+
+install: $(STAMP)
+
+# torch is installed first and pinned, so pip never pulls the CUDA wheels.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+demo: $(STAMP)
+	$(VENV)/bin/crv demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+benchmarks: $(STAMP)
+	$(PY) benchmarks/reasoner.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

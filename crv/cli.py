@@ -1,0 +1,150 @@
+"""The ``crv`` command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="crv: verify chain-of-thought steps via attribution graphs.")
+
+
+@app.callback()
+def _root() -> None:
+    """crv: verify chain-of-thought steps via attribution graphs."""
+
+
+@app.command("train-reasoner")
+def train_reasoner_cmd(
+    out: Path = typer.Option(Path("runs/reasoner"), help="Run directory (final/ and checkpoints/ go here)."),
+    iterations: int = typer.Option(2000, help="Optimiser steps."),
+    tokens_per_batch: int = typer.Option(16_384, help="Padded tokens per step."),
+    d_model: int = typer.Option(128),
+    n_layers: int = typer.Option(4),
+    n_heads: int = typer.Option(4),
+    d_mlp: int = typer.Option(512),
+    lr: float = typer.Option(2e-3),
+    warmup: int = typer.Option(100),
+    n_max: int = typer.Option(10, help="Largest number of operators in training problems."),
+    arith_weight: float = typer.Option(0.65, help="Share of arithmetic problems (rest boolean)."),
+    max_abs: int = typer.Option(999, help="Arithmetic: largest |intermediate value| allowed."),
+    checkpoint_every: int = typer.Option(0, help="Save a checkpoint every N steps (0: final only)."),
+    seed: int = typer.Option(0),
+    threads: int = typer.Option(0, help="torch threads (0: default)."),
+) -> None:
+    """Train the reasoner from scratch on generated canonical CoT."""
+    from crv.reasoner.model import ModelConfig
+    from crv.reasoner.train import TrainConfig, train_reasoner
+    from crv.tasks.cot import GeneratorConfig
+
+    cfg = TrainConfig(
+        model=ModelConfig(d_model=d_model, n_layers=n_layers, n_heads=n_heads, d_mlp=d_mlp),
+        iterations=iterations,
+        tokens_per_batch=tokens_per_batch,
+        lr=lr,
+        warmup=warmup,
+        n_max=n_max,
+        task_weights=(("arith", arith_weight), ("bool", 1.0 - arith_weight)),
+        generator=GeneratorConfig(max_abs=max_abs),
+        checkpoint_every=checkpoint_every,
+        seed=seed,
+        threads=threads,
+    )
+    train_reasoner(cfg, out)
+    typer.echo(f"saved {out / 'final'}")
+
+
+def _problems(tasks: list[str], ns: list[int], count: int, seed: int):  # type: ignore[no-untyped-def]
+    from crv.tasks.cot import TASKS, generate_problems
+
+    problems = []
+    for task in tasks:
+        if task not in TASKS:
+            raise typer.BadParameter(f"unknown task {task!r}; choose from {', '.join(TASKS)}", param_hint="--task")
+        for n in ns:
+            if n < 1:
+                raise typer.BadParameter(f"n must be >= 1, got {n}", param_hint="--n")
+            problems += generate_problems(task, n, count, seed=seed)  # type: ignore[arg-type]
+    return problems
+
+
+@app.command("generate")
+def generate_cmd(
+    task: list[str] = typer.Option(["arith"], help="Task(s): arith, bool (repeat the option for several)."),
+    n: list[int] = typer.Option([5], help="Number(s) of operators (repeat the option for several)."),
+    count: int = typer.Option(100, help="Problems per task and n."),
+    out: Path = typer.Option(..., help="Output JSONL of labelled records."),
+    model: Optional[Path] = typer.Option(None, help="Reasoner directory (default: the shipped one)."),
+    seed: int = typer.Option(1, help="Problem seed."),
+    batch_size: int = typer.Option(64),
+    threads: int = typer.Option(0, help="torch threads (0: default)."),
+) -> None:
+    """Let the reasoner solve fresh problems (greedy) and write labelled records."""
+    import torch
+
+    from crv.reasoner.generate import GenerationConfig, generate_records
+    from crv.reasoner.model import load_reasoner
+    from crv.tasks.schema import write_records
+    from crv.tasks.stats import format_table, summarize_by
+
+    if threads:
+        torch.set_num_threads(threads)
+    problems = _problems(task, n, count, seed)
+    lm, tok = load_reasoner(model)
+    records = generate_records(lm, tok, problems, GenerationConfig(batch_size=batch_size))
+    write_records(records, out)
+    typer.echo(format_table(summarize_by(records)))
+    typer.echo(f"wrote {len(records)} records to {out}")
+
+
+@app.command("import-gsm8k")
+def import_gsm8k_cmd(
+    out: Path = typer.Option(..., help="Output JSONL of labelled records."),
+    data_dir: Optional[Path] = typer.Option(None, help="GSM8K directory (default ../shared/data/gsm8k)."),
+    include_reference: bool = typer.Option(False, help="Also import the (all-correct) reference solutions."),
+) -> None:
+    """Import GSM8K model solutions as labelled step records."""
+    from crv.tasks.gsm8k import load_gsm8k
+    from crv.tasks.schema import write_records
+    from crv.tasks.stats import format_table, summarize_by
+
+    records = load_gsm8k(data_dir, include_reference)
+    write_records(records, out)
+    typer.echo(format_table(summarize_by(records)))
+    typer.echo(f"wrote {len(records)} records to {out}")
+
+
+@app.command("demo")
+def demo_cmd(
+    count: int = typer.Option(40, help="Problems per task and n."),
+    out_dir: Path = typer.Option(Path("runs/demo"), help="Where the demo writes its data."),
+    seed: int = typer.Option(7),
+) -> None:
+    """The main job on the embedded default: solve fresh problems, label every step, print the table."""
+    from crv.reasoner.generate import generate_records
+    from crv.reasoner.model import DEFAULT_REASONER_DIR, load_reasoner
+    from crv.tasks.schema import write_records
+    from crv.tasks.stats import format_table, summarize_by
+
+    lm, tok = load_reasoner()
+    typer.echo(f"reasoner: {DEFAULT_REASONER_DIR} ({sum(p.numel() for p in lm.parameters()):,} parameters)")
+    problems = _problems(["arith", "bool"], [3, 5, 7, 10], count, seed)
+    records = generate_records(lm, tok, problems)
+    path = out_dir / "records.jsonl"
+    write_records(records, path)
+    example = next((r for r in records if 0 in r.labels), None)
+    if example is not None:
+        typer.echo(f"\nA faulty trace ({example.problem_id}):\nQ: {example.question}")
+        for step, label in zip(example.steps, example.labels):
+            typer.echo(f"  [{'ok' if label else 'FAULTY'}] {step}")
+    typer.echo("\n" + format_table(summarize_by(records)))
+    typer.echo(f"\nwrote {len(records)} labelled traces to {path}")
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

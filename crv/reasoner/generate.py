@@ -1,0 +1,83 @@
+"""Batched greedy CoT generation with the reasoner, labelled into records."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+from crv.reasoner.tokenizer import encode_text
+from crv.tasks.cot import Problem
+from crv.tasks.label import label_output
+from crv.tasks.schema import Record
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """How completions are decoded (greedy: errors are the model's own)."""
+
+    batch_size: int = 64
+    length_factor: float = 1.5  # max new tokens = factor * longest reference completion + slack
+    slack: int = 24
+
+
+@torch.no_grad()
+def complete(
+    model: LlamaForCausalLM,
+    tokenizer: PreTrainedTokenizerFast,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+) -> list[str]:
+    """Greedy completions of a batch of prompts (left-padded), decoded up to EOS."""
+    encoded = [encode_text(tokenizer, p) for p in prompts]
+    width = max(len(e) for e in encoded)
+    limit = model.config.max_position_embeddings - width
+    if limit <= 0:
+        raise ValueError(f"prompt of {width} tokens does not fit the model's context of {model.config.max_position_embeddings}")
+    pad = tokenizer.pad_token_id
+    ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, e in enumerate(encoded):
+        ids[i, width - len(e):] = torch.tensor(e)
+        mask[i, width - len(e):] = 1
+    device = next(model.parameters()).device
+    out = model.generate(
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device),
+        max_new_tokens=min(max_new_tokens, limit),
+        do_sample=False,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=pad,
+    )
+    new = out[:, width:].cpu()
+    texts = []
+    for row in new.tolist():
+        if tokenizer.eos_token_id in row:
+            row = row[: row.index(tokenizer.eos_token_id)]
+        texts.append(tokenizer.decode([t for t in row if t != pad], skip_special_tokens=True))
+    return texts
+
+
+def generate_records(
+    model: LlamaForCausalLM,
+    tokenizer: PreTrainedTokenizerFast,
+    problems: Sequence[Problem],
+    config: GenerationConfig = GenerationConfig(),
+    progress: bool = True,
+) -> list[Record]:
+    """Let the model solve each problem and label its steps; output keeps the input order."""
+    order = sorted(range(len(problems)), key=lambda i: (problems[i].task, len(problems[i].prompt + problems[i].completion)))
+    results: dict[int, Record] = {}
+    bar = tqdm(total=len(problems), desc="generate", unit="trace", disable=not progress)
+    for start in range(0, len(order), config.batch_size):
+        idx = order[start : start + config.batch_size]
+        batch = [problems[i] for i in idx]
+        budget = int(config.length_factor * max(len(p.completion) for p in batch)) + config.slack
+        for i, p, text in zip(idx, batch, complete(model, tokenizer, [p.prompt for p in batch], budget)):
+            results[i] = label_output(p, text)
+        bar.update(len(idx))
+    bar.close()
+    return [results[i] for i in range(len(problems))]
