@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -51,8 +52,34 @@ def train_reasoner_cmd(
         seed=seed,
         threads=threads,
     )
-    train_reasoner(cfg, out)
+    train_reasoner(cfg, out, command="crv " + " ".join(sys.argv[1:]))
     typer.echo(f"saved {out / 'final'}")
+
+
+@app.command("train-transcoders")
+def train_transcoders_cmd(
+    out: Path = typer.Option(Path("runs/transcoders"), help="Output directory (circuit-tracer layout)."),
+    model: Optional[Path] = typer.Option(None, help="Reasoner directory (default: the shipped one)."),
+    expansion: int = typer.Option(32, help="d_transcoder = expansion * d_model."),
+    k: int = typer.Option(16, help="Active features per token (TopK)."),
+    steps: int = typer.Option(2000),
+    batch_tokens: int = typer.Option(4096),
+    lr: float = typer.Option(1e-3),
+    seed: int = typer.Option(0),
+    threads: int = typer.Option(0, help="torch threads (0: default)."),
+) -> None:
+    """Train one TopK transcoder per MLP layer of the reasoner."""
+    import torch
+
+    from crv.reasoner.model import load_reasoner
+    from crv.transcoders.train import TranscoderTrainConfig, train_transcoders
+
+    if threads:
+        torch.set_num_threads(threads)
+    lm, tok = load_reasoner(model)
+    cfg = TranscoderTrainConfig(expansion=expansion, k=k, steps=steps, batch_tokens=batch_tokens, lr=lr, seed=seed)
+    train_transcoders(lm, tok, cfg, out, command="crv " + " ".join(sys.argv[1:]))
+    typer.echo(f"saved {out}")
 
 
 def _problems(tasks: list[str], ns: list[int], count: int, seed: int):  # type: ignore[no-untyped-def]

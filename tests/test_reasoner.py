@@ -1,25 +1,15 @@
 """A tiny reasoner trained inside the test, and the shipped one."""
 
 import pytest
-import torch
-
 from crv.reasoner.generate import GenerationConfig, complete, generate_records
-from crv.reasoner.model import DEFAULT_REASONER_DIR, ModelConfig, load_reasoner
-from crv.reasoner.train import TrainConfig, train_reasoner
-from crv.tasks.cot import GeneratorConfig, Problem, generate_problems, make_problem
-from crv.tasks.schema import Record, read_records, write_records
-
-TINY = TrainConfig(
-    model=ModelConfig(d_model=32, n_layers=2, n_heads=2, d_mlp=64, max_len=256),
-    iterations=25, tokens_per_batch=2048, lr=3e-3, warmup=5, n_max=3, seed=0,
-)
+from crv.reasoner.model import DEFAULT_REASONER_DIR, load_reasoner
+from crv.tasks.cot import Problem, generate_problems
+from crv.tasks.schema import read_records, write_records
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiny")
-    train_reasoner(TINY, out, progress=False)
-    return out / "final"
+@pytest.fixture
+def tiny(tiny_reasoner_dir):
+    return tiny_reasoner_dir
 
 
 def test_tiny_training_lowers_loss(tiny):

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from crv.reasoner.tokenizer import build_tokenizer, load_tokenizer
+from crv.reasoner.tokenizer import load_tokenizer
 
 #: Where the shipped reasoner lives, relative to the repository root.
 DEFAULT_REASONER_DIR = Path(__file__).resolve().parents[2] / "models" / "reasoner"
@@ -67,15 +67,6 @@ def load_reasoner(
     path = Path(path) if path is not None else DEFAULT_REASONER_DIR
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"no reasoner at {path} (expected config.json, model.safetensors, tokenizer.json)")
-    model = LlamaForCausalLM.from_pretrained(path, torch_dtype=dtype, local_files_only=True, use_safetensors=True)
+    model = LlamaForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True, use_safetensors=True)
     model.to(device).eval()
     return model, load_tokenizer(path)
-
-
-def new_tokenizer() -> PreTrainedTokenizerFast:
-    """The reasoner's tokenizer, built from scratch."""
-    return build_tokenizer()
-
-
-def config_dict(config: ModelConfig) -> dict:
-    return asdict(config)

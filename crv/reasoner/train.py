@@ -120,8 +120,13 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train_reasoner(cfg: TrainConfig, out_dir: str | Path, progress: bool = True) -> LlamaForCausalLM:
-    """Train a reasoner from scratch and save it (and optional checkpoints) under ``out_dir``."""
+def train_reasoner(
+    cfg: TrainConfig, out_dir: str | Path, progress: bool = True, command: str | None = None
+) -> LlamaForCausalLM:
+    """Train a reasoner from scratch and save it (and optional checkpoints) under ``out_dir``.
+
+    ``command`` (the command line that started the run) is recorded next to the weights.
+    """
     out_dir = Path(out_dir)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -155,15 +160,15 @@ def train_reasoner(cfg: TrainConfig, out_dir: str | Path, progress: bool = True)
             log.append(entry)
             bar.set_postfix(loss=f"{loss.item():.4f}", tok=f"{tokens / 1e6:.1f}M")
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.iterations:
-            _save(model, tokenizer, out_dir / "checkpoints" / f"step{step + 1:06d}", cfg, log, tokens, start)
+            _save(model, tokenizer, out_dir / "checkpoints" / f"step{step + 1:06d}", cfg, step + 1, log, tokens, start, command)
             model.train()
-    _save(model, tokenizer, out_dir / "final", cfg, log, tokens, start)
+    _save(model, tokenizer, out_dir / "final", cfg, cfg.iterations, log, tokens, start, command)
     model.eval()
     return model
 
 
-def _save(model, tokenizer, path: Path, cfg: TrainConfig, log: list[dict], tokens: int, start: float) -> None:  # type: ignore[no-untyped-def]
+def _save(model, tokenizer, path: Path, cfg: TrainConfig, step: int, log: list[dict], tokens: int, start: float, command: str | None) -> None:  # type: ignore[no-untyped-def]
     model.eval()
-    extra = {"config": asdict(cfg), "tokens": tokens, "seconds": round(time.time() - start, 1), "last": log[-1] if log else None}
+    extra = {"command": command, "config": asdict(cfg), "step": step, "tokens": tokens, "seconds": round(time.time() - start, 1), "last": log[-1] if log else None}
     save_reasoner(model, tokenizer, path, extra)
     (path / "train_log.json").write_text(json.dumps(log) + "\n")

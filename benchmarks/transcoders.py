@@ -1,0 +1,66 @@
+"""Quality of the shipped transcoders on held-out CoT -> benchmarks/results/transcoders.json.
+
+    python benchmarks/transcoders.py
+    python benchmarks/transcoders.py --transcoders runs/transcoders --out /tmp/t.json
+
+Per layer: FVU, L0 and dead-feature fraction; for the replacement model (all MLPs
+replaced at once): next-token argmax agreement and mean KL on CoT tokens.
+Targets (issue 5): FVU <= 0.10 per layer, dead <= 10%, agreement >= 95%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shlex
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from crv.reasoner.model import DEFAULT_REASONER_DIR, load_reasoner
+from crv.transcoders.activations import cot_texts
+from crv.transcoders.io import DEFAULT_TRANSCODER_DIR, load_transcoders
+from crv.transcoders.metrics import layer_quality, replacement_quality
+
+HELD_OUT_SEED = 424242  # training streams use the training seed (0 by default)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, default=DEFAULT_REASONER_DIR)
+    ap.add_argument("--transcoders", type=Path, default=DEFAULT_TRANSCODER_DIR)
+    ap.add_argument("--sequences", type=int, default=400, help="held-out CoT sequences (all tasks, n = 1..10)")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "transcoders.json")
+    ap.add_argument("--threads", type=int, default=0)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tok = load_reasoner(args.model)
+    ts = load_transcoders(args.transcoders, model=model)
+    texts = cot_texts(random.Random(HELD_OUT_SEED), args.sequences)
+    layers = layer_quality(model, tok, ts, texts)
+    repl = replacement_quality(model, tok, ts, texts)
+    for q in layers:
+        print(f"layer {q.layer}: FVU {q.fvu:.4f}  L0 {q.l0:.1f}  dead {q.dead_fraction:.3f}")
+    print(f"replacement: argmax agreement {repl.argmax_agreement:.4f}  mean KL {repl.mean_kl:.5f}")
+    ok = all(q.fvu <= 0.10 and q.dead_fraction <= 0.10 for q in layers) and repl.argmax_agreement >= 0.95
+    result = {
+        "layers": [{k: (round(v, 5) if isinstance(v, float) else v) for k, v in asdict(q).items()} for q in layers],
+        "replacement": {"argmax_agreement": round(repl.argmax_agreement, 5), "mean_kl": round(repl.mean_kl, 6)},
+        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+        "train_command": ts.config.get("crv", {}).get("command"),
+        "train_seconds": ts.config.get("crv", {}).get("seconds"),
+        "k": ts.shape.k,
+        "d_transcoder": ts.shape.d_transcoder,
+        "targets_met": ok,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"targets met: {ok}; wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

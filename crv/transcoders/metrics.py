@@ -1,0 +1,98 @@
+"""How well a transcoder set stands in for the MLPs: per-layer FVU / L0 / dead features,
+and the whole replacement model's next-token agreement and KL with the original."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+from crv.transcoders.activations import encode_batch, mlp_io, mlp_modules
+from crv.transcoders.io import TranscoderSet
+
+
+@dataclass(frozen=True)
+class LayerQuality:
+    layer: int
+    fvu: float  # fraction of the MLP output's variance the transcoder leaves unexplained
+    l0: float  # mean number of active features per token
+    dead_fraction: float  # features that never fired on the evaluation tokens
+
+
+@dataclass(frozen=True)
+class ReplacementQuality:
+    argmax_agreement: float  # share of tokens where both models predict the same next token
+    mean_kl: float  # mean KL(original || replacement) of the next-token distributions, in nats
+
+
+@contextmanager
+def replaced_mlps(model: LlamaForCausalLM, transcoders: TranscoderSet) -> Iterator[None]:
+    """Temporarily replace every MLP's output with its transcoder's reconstruction."""
+    handles = [
+        mlp.register_forward_hook(lambda module, args, out, tc=transcoders[i]: tc(args[0]))
+        for i, mlp in enumerate(mlp_modules(model))
+    ]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def layer_quality(
+    model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, transcoders: TranscoderSet, texts: Sequence[str], batch: int = 32
+) -> list[LayerQuality]:
+    """FVU, L0 and dead fraction per layer over the (non-BOS) tokens of ``texts``."""
+    n_layers = len(transcoders)
+    err = torch.zeros(n_layers, dtype=torch.float64)
+    sq = torch.zeros(n_layers, dtype=torch.float64)
+    total = torch.zeros(n_layers, transcoders.shape.d_model, dtype=torch.float64)
+    l0 = torch.zeros(n_layers, dtype=torch.float64)
+    fired = torch.zeros(n_layers, transcoders.shape.d_transcoder, dtype=torch.bool)
+    count = 0
+    for start in range(0, len(texts), batch):
+        ids, mask = encode_batch(tokenizer, list(texts[start : start + batch]))
+        x, y = mlp_io(model, ids)
+        x, y = x[:, mask], y[:, mask]
+        count += x.shape[1]
+        for i in range(n_layers):
+            feats = transcoders[i].encode(x[i])
+            recon = transcoders[i].decode(feats)
+            err[i] += (recon - y[i]).double().pow(2).sum()
+            sq[i] += y[i].double().pow(2).sum()
+            total[i] += y[i].double().sum(0)
+            active = feats > 0
+            l0[i] += active.sum()
+            fired[i] |= active.any(0)
+    mean_sq = total.pow(2).sum(-1) / count  # = count * |mean|^2
+    var = sq - mean_sq
+    return [
+        LayerQuality(i, float(err[i] / var[i]), float(l0[i] / count), float(1 - fired[i].float().mean()))
+        for i in range(n_layers)
+    ]
+
+
+@torch.no_grad()
+def replacement_quality(
+    model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, transcoders: TranscoderSet, texts: Sequence[str], batch: int = 32
+) -> ReplacementQuality:
+    """Next-token argmax agreement and mean KL between the model and its replacement (all MLPs at once)."""
+    agree, kl, count = 0.0, 0.0, 0
+    for start in range(0, len(texts), batch):
+        ids, mask = encode_batch(tokenizer, list(texts[start : start + batch]))
+        logp = F.log_softmax(model(input_ids=ids).logits[mask].float(), -1)
+        with replaced_mlps(model, transcoders):
+            logq = F.log_softmax(model(input_ids=ids).logits[mask].float(), -1)
+        agree += float((logp.argmax(-1) == logq.argmax(-1)).sum())
+        kl += float((logp.exp() * (logp - logq)).sum())
+        count += logp.shape[0]
+    return ReplacementQuality(agree / count, kl / count)
+
+
+def as_dict(items: Sequence[LayerQuality]) -> list[dict]:
+    return [asdict(q) for q in items]

@@ -1,0 +1,124 @@
+"""Training per-layer TopK transcoders on a reasoner's MLPs (all layers at once)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+from crv.transcoders.activations import ActivationStream
+from crv.transcoders.io import save_transcoders
+from crv.transcoders.transcoder import TopKTranscoder, TranscoderShape
+
+
+@dataclass(frozen=True)
+class TranscoderTrainConfig:
+    """Everything that defines a transcoder training run."""
+
+    expansion: int = 32  # d_transcoder = expansion * d_model
+    k: int = 16
+    steps: int = 2000
+    batch_tokens: int = 4096
+    buffer_tokens: int = 65_536
+    lr: float = 1e-3
+    warmup: int = 50
+    aux_k: int = 64  # dead features used by the auxiliary loss
+    aux_coef: float = 1 / 32
+    dead_tokens: int = 200_000  # a feature is dead after this many tokens without firing
+    seed: int = 0
+
+
+def normalized_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error divided by the target's variance (the FVU of a batch)."""
+    var = (target - target.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
+    return (pred - target).pow(2).sum(-1).mean() / var
+
+
+class _LayerTrainer:
+    def __init__(self, tc: TopKTranscoder, cfg: TranscoderTrainConfig):
+        self.tc, self.cfg = tc, cfg
+        self.opt = torch.optim.Adam(tc.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
+        self.since_fired = torch.zeros(tc.shape.d_transcoder, dtype=torch.long)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> tuple[float, float]:
+        tc = self.tc
+        pre = tc.pre_activations(x)
+        vals, idx = pre.topk(tc.k, dim=-1)
+        vals = torch.relu(vals)
+        recon = torch.nn.functional.embedding_bag(idx, tc.W_dec, per_sample_weights=vals, mode="sum") + tc.b_dec
+        loss = normalized_mse(recon, y)
+        fired = torch.zeros_like(self.since_fired, dtype=torch.bool)
+        fired[idx[vals > 0]] = True
+        self.since_fired += x.shape[0]
+        self.since_fired[fired] = 0
+        dead = self.since_fired > self.cfg.dead_tokens
+        aux = torch.zeros(())
+        n_dead = int(dead.sum())
+        if n_dead > 0:
+            k_aux = min(self.cfg.aux_k, n_dead)
+            dead_pre = pre.masked_fill(~dead, float("-inf"))
+            a_vals, a_idx = dead_pre.topk(k_aux, dim=-1)
+            a_recon = torch.nn.functional.embedding_bag(a_idx, tc.W_dec, per_sample_weights=torch.relu(a_vals), mode="sum")
+            aux = normalized_mse(a_recon, (y - recon).detach())
+            aux = torch.nan_to_num(aux)
+        total = loss + self.cfg.aux_coef * aux
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        self.opt.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(tc.parameters(), 1.0)
+        self.opt.step()
+        tc.normalize_decoder()
+        return loss.item(), n_dead / tc.shape.d_transcoder
+
+
+def train_transcoders(
+    model: LlamaForCausalLM,
+    tokenizer: PreTrainedTokenizerFast,
+    cfg: TranscoderTrainConfig,
+    out_dir: str | Path | None = None,
+    model_name: str = "crv-reasoner",
+    progress: bool = True,
+    command: str | None = None,
+) -> list[TopKTranscoder]:
+    """Train one TopK transcoder per layer on activations streamed from CoT text."""
+    torch.manual_seed(cfg.seed)
+    d_model, n_layers = model.config.hidden_size, model.config.num_hidden_layers
+    shape = TranscoderShape(d_model, cfg.expansion * d_model, cfg.k)
+    stream = ActivationStream(model, tokenizer, cfg.batch_tokens, cfg.buffer_tokens, seed=cfg.seed)
+    x0, y0 = next(stream)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    trainers = []
+    for layer in range(n_layers):
+        tc = TopKTranscoder(shape, layer)
+        tc.reset_parameters(gen)
+        with torch.no_grad():
+            tc.b_dec.copy_(y0[layer].mean(0))
+            # scale the encoder so that initial reconstructions have about the right size
+            feats = tc.encode(x0[layer])
+            recon = feats @ tc.W_dec
+            scale = (y0[layer] - y0[layer].mean(0)).norm(dim=-1).mean() / recon.norm(dim=-1).mean().clamp_min(1e-8)
+            tc.W_enc.mul_(scale)
+        trainers.append(_LayerTrainer(tc, cfg))
+    log: list[dict] = []
+    start = time.time()
+    bar = tqdm(range(cfg.steps), desc="train transcoders", disable=not progress)
+    for step in bar:
+        x, y = (x0, y0) if step == 0 else next(stream)
+        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
+        if step > 0.8 * cfg.steps:  # linear decay over the last 20%
+            lr *= max(0.0, (cfg.steps - step) / (0.2 * cfg.steps))
+        stats = [t.step(x[i], y[i], lr) for i, t in enumerate(trainers)]
+        if step % 20 == 0 or step == cfg.steps - 1:
+            log.append({"step": step, "fvu": [round(s[0], 4) for s in stats], "dead": [round(s[1], 4) for s in stats],
+                        "seconds": round(time.time() - start, 1)})
+            bar.set_postfix(fvu=" ".join(f"{s[0]:.3f}" for s in stats))
+    transcoders = [t.tc.requires_grad_(False).eval() for t in trainers]
+    if out_dir is not None:
+        extra = {"train_config": asdict(cfg), "command": command, "seconds": round(time.time() - start, 1), "log_tail": log[-3:]}
+        save_transcoders(transcoders, out_dir, model_name, extra=extra)
+    return transcoders

@@ -1,0 +1,113 @@
+import random
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from crv.reasoner.model import load_reasoner
+from crv.transcoders.activations import cot_texts, encode_batch
+from crv.transcoders.io import DEFAULT_TRANSCODER_DIR, TranscoderLoadError, load_transcoders, save_transcoders
+from crv.transcoders.metrics import layer_quality, replaced_mlps
+from crv.transcoders.train import TranscoderTrainConfig, train_transcoders
+from crv.transcoders.transcoder import TopKTranscoder, TranscoderShape
+
+SHAPE = TranscoderShape(d_model=16, d_transcoder=64, k=5)
+
+
+def random_transcoder(layer=0, seed=0):
+    tc = TopKTranscoder(SHAPE, layer)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in tc.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    return tc
+
+
+def test_shapes_and_exact_topk_sparsity():
+    tc = random_transcoder()
+    with torch.no_grad():
+        tc.b_enc.fill_(100.0)  # every pre-activation positive: exactly k survive
+    x = torch.randn(7, 3, SHAPE.d_model)
+    feats = tc.encode(x)
+    assert feats.shape == (7, 3, SHAPE.d_transcoder)
+    assert ((feats != 0).sum(-1) == SHAPE.k).all()
+    assert tc(x).shape == x.shape
+    pre = tc.pre_activations(x)
+    kept = pre.topk(SHAPE.k, -1).values
+    assert torch.allclose(feats.sort(-1, descending=True).values[..., : SHAPE.k], kept)
+    with torch.no_grad():
+        tc.b_enc.fill_(-100.0)  # nothing positive: TopK keeps none (ReLU)
+    assert (tc.encode(x) == 0).all()
+
+
+def test_invalid_k_is_rejected():
+    with pytest.raises(ValueError, match="k must be"):
+        TranscoderShape(d_model=4, d_transcoder=8, k=9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_save_load_round_trip_is_bit_exact(tmp_path, dtype):
+    tcs = [random_transcoder(i, seed=i) for i in range(3)]
+    save_transcoders(tcs, tmp_path, "toy", dtype=dtype)
+    loaded = load_transcoders(tmp_path, d_model=SHAPE.d_model, n_layers=3, dtype=dtype)
+    assert loaded.shape == SHAPE
+    for tc, back in zip(tcs, loaded):
+        for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+            assert torch.equal(getattr(tc, name).to(dtype), getattr(back, name))
+
+
+def test_loader_rejects_missing_layers_and_wrong_shapes(tmp_path):
+    tcs = [random_transcoder(i) for i in range(2)]
+    save_transcoders(tcs, tmp_path, "toy")
+    with pytest.raises(TranscoderLoadError, match="d_model=16, the model has 32"):
+        load_transcoders(tmp_path, d_model=32)
+    with pytest.raises(TranscoderLoadError, match="layer 2 is missing"):
+        load_transcoders(tmp_path, n_layers=3)
+    state = load_file(tmp_path / "layer_1.safetensors")
+    state["W_dec"] = state["W_dec"][:, :8].contiguous()
+    save_file(state, tmp_path / "layer_1.safetensors")
+    with pytest.raises(TranscoderLoadError, match=r"layer_1.safetensors: W_dec has shape \[64, 8\], expected \[64, 16\]"):
+        load_transcoders(tmp_path)
+    (tmp_path / "layer_1.safetensors").unlink()
+    with pytest.raises(TranscoderLoadError, match="layer 1 is missing"):
+        load_transcoders(tmp_path)
+    with pytest.raises(TranscoderLoadError, match="config.yaml is missing"):
+        load_transcoders(tmp_path / "nowhere")
+
+
+def test_tiny_transcoders_learn(tiny_reasoner_dir, tmp_path):
+    model, tok = load_reasoner(tiny_reasoner_dir)
+    cfg = TranscoderTrainConfig(expansion=4, k=4, steps=40, batch_tokens=256, buffer_tokens=2048, dead_tokens=4000, warmup=5)
+    texts = cot_texts(random.Random(123), 16, n_max=3)
+    out = tmp_path / "tc"
+    train_transcoders(model, tok, cfg, out, progress=False)
+    trained = load_transcoders(out, model=model)
+    fvu_trained = [q.fvu for q in layer_quality(model, tok, trained, texts)]
+    short = tmp_path / "short"
+    train_transcoders(model, tok, TranscoderTrainConfig(**{**cfg.__dict__, "steps": 2}), short, progress=False)
+    fvu_short = [q.fvu for q in layer_quality(model, tok, load_transcoders(short, model=model), texts)]
+    assert all(a < 0.7 * b for a, b in zip(fvu_trained, fvu_short)), (fvu_trained, fvu_short)
+
+
+def test_replacement_hooks_are_removed(tiny_reasoner_dir, tmp_path):
+    model, tok = load_reasoner(tiny_reasoner_dir)
+    ids, _ = encode_batch(tok, ["Q: 1+2\n"])
+    before = model(input_ids=ids).logits
+    shape = TranscoderShape(32, 64, 4)
+    ts = [TopKTranscoder(shape, i) for i in range(2)]
+    for t in ts:
+        t.reset_parameters()
+    save_transcoders(ts, tmp_path, "tiny")
+    with replaced_mlps(model, load_transcoders(tmp_path, model=model)):
+        during = model(input_ids=ids).logits
+    assert not torch.allclose(before, during)
+    assert torch.equal(model(input_ids=ids).logits, before)
+
+
+def test_shipped_transcoders_meet_fvu_target():
+    model, tok = load_reasoner()
+    ts = load_transcoders(DEFAULT_TRANSCODER_DIR, model=model)
+    texts = cot_texts(random.Random(99), 24)
+    for q in layer_quality(model, tok, ts, texts):
+        assert q.fvu <= 0.10, q
+        assert q.l0 <= ts.shape.k
