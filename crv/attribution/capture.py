@@ -1,0 +1,96 @@
+"""One forward pass of a Llama with everything the local replacement model freezes.
+
+The local replacement model of a prompt is the original model with, at every
+position, its attention patterns and RMSNorm scales frozen at their values in
+this pass and every MLP replaced by its transcoder plus an error term. Given
+those frozen quantities the map from node writes (token embeddings, feature
+decoder vectors, error vectors) to feature pre-activations and logits is linear.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import LlamaForCausalLM
+
+
+@dataclass
+class ForwardCapture:
+    """Frozen quantities of one forward pass (batch of one sequence)."""
+
+    ids: torch.Tensor  # [T]
+    embed: torch.Tensor  # [T, d] token embeddings (what token nodes write)
+    attn: torch.Tensor  # [L, H, T, T] attention patterns
+    scale_in: torch.Tensor  # [L, T] input_layernorm 1/rms
+    scale_post: torch.Tensor  # [L, T] post_attention_layernorm 1/rms
+    scale_final: torch.Tensor  # [T] final norm 1/rms
+    mlp_in: torch.Tensor  # [L, T, d]
+    mlp_out: torch.Tensor  # [L, T, d]
+    logits: torch.Tensor  # [T, V]
+
+    @property
+    def n_pos(self) -> int:
+        return int(self.ids.shape[0])
+
+
+def _inv_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    x = x.float()
+    return torch.rsqrt(x.pow(2).mean(-1) + eps)
+
+
+@torch.no_grad()
+def capture_forward(model: LlamaForCausalLM, ids: torch.Tensor) -> ForwardCapture:
+    """Run ``ids`` ([T]) through the model once (eager attention) and record the frozen parts."""
+    if ids.ndim != 1:
+        raise ValueError(f"expected a 1-D tensor of token ids, got shape {tuple(ids.shape)}")
+    layers = model.model.layers
+    n = len(layers)
+    rec: dict[str, list] = {k: [None] * n for k in ("attn", "s_in", "s_post", "mlp_in", "mlp_out")}
+    final: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def hook(store: str, i: int, what: str, eps: float = 0.0):  # type: ignore[no-untyped-def]
+        def fn(module, args, out):  # type: ignore[no-untyped-def]
+            if what == "scale":
+                rec[store][i] = _inv_rms(args[0][0], eps)
+            elif what == "attn":
+                rec[store][i] = out[1][0].float()
+            elif what == "in":
+                rec[store][i] = args[0][0].float()
+            else:
+                rec[store][i] = out[0].float()
+        return fn
+
+    for i, layer in enumerate(layers):
+        handles += [
+            layer.input_layernorm.register_forward_hook(hook("s_in", i, "scale", layer.input_layernorm.variance_epsilon)),
+            layer.post_attention_layernorm.register_forward_hook(
+                hook("s_post", i, "scale", layer.post_attention_layernorm.variance_epsilon)
+            ),
+            layer.self_attn.register_forward_hook(hook("attn", i, "attn")),
+            layer.mlp.register_forward_hook(hook("mlp_in", i, "in")),
+            layer.mlp.register_forward_hook(hook("mlp_out", i, "out")),
+        ]
+    norm = model.model.norm
+    handles.append(norm.register_forward_hook(lambda m, a, o: final.__setitem__("s", _inv_rms(a[0][0], norm.variance_epsilon))))
+    handles.append(model.model.embed_tokens.register_forward_hook(lambda m, a, o: final.__setitem__("e", o[0].float())))
+    previous = model.config._attn_implementation
+    model.config._attn_implementation = "eager"
+    try:
+        logits = model(input_ids=ids[None].to(model.device)).logits[0].float()
+    finally:
+        model.config._attn_implementation = previous
+        for h in handles:
+            h.remove()
+    return ForwardCapture(
+        ids=ids.cpu(),
+        embed=final["e"],
+        attn=torch.stack(rec["attn"]),
+        scale_in=torch.stack(rec["s_in"]),
+        scale_post=torch.stack(rec["s_post"]),
+        scale_final=final["s"],
+        mlp_in=torch.stack(rec["mlp_in"]),
+        mlp_out=torch.stack(rec["mlp_out"]),
+        logits=logits,
+    )

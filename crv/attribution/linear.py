@@ -1,0 +1,193 @@
+"""The frozen linear replacement model of one sequence, and exact direct-effect rows.
+
+Stream points of layer ``l``: ``r_l`` (layer input) -> attention -> ``mid_l`` ->
+MLP (replaced: transcoder features + error + b_dec) -> ``r_{l+1}``. With attention
+patterns and RMSNorm scales frozen, every feature pre-activation (read from
+``mid_l`` through the post-attention norm) and every centred logit (read from
+``r_L`` through the final norm) is a linear function of the node writes:
+token embeddings into ``r_0``, and feature decoder vectors and error vectors of
+layer ``j`` into ``r_{j+1}``. A row of the adjacency matrix is that linear
+function's coefficients (rows = targets, columns = sources), computed by
+propagating the target's reading vector backwards through the attention layers
+in closed form (no autograd).
+
+Source order (per sequence): ``[active features (layer, pos, feature order) |
+error nodes (layer-major, L*T) | token nodes (T)]``. Features at position 0
+(BOS) are zeroed, as circuit-tracer does; position 0 still has error and token nodes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import LlamaForCausalLM
+
+from crv.attribution.capture import ForwardCapture
+from crv.transcoders.io import TranscoderSet
+
+
+@dataclass
+class ActiveFeatures:
+    """Active transcoder features of a sequence, sorted by (layer, position, feature)."""
+
+    layer: torch.Tensor  # [n] long
+    pos: torch.Tensor  # [n] long
+    feat: torch.Tensor  # [n] long
+    act: torch.Tensor  # [n] activation values
+    pre: torch.Tensor  # [n] pre-activations (= act for active TopK features)
+
+    def __len__(self) -> int:
+        return int(self.layer.shape[0])
+
+
+class LinearReplacement:
+    """Frozen linear model of one sequence: reading vectors and exact edge rows."""
+
+    def __init__(self, model: LlamaForCausalLM, transcoders: TranscoderSet, cap: ForwardCapture):
+        cfg = model.config
+        self.cap = cap
+        self.n_layers, self.n_pos, self.d = cfg.num_hidden_layers, cap.n_pos, cfg.hidden_size
+        self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.d_head = getattr(cfg, "head_dim", None) or self.d // self.n_heads
+        layers = model.model.layers
+        f32 = lambda t: t.detach().float().cpu()  # noqa: E731
+        self.W_O = [f32(l.self_attn.o_proj.weight) for l in layers]  # [d, H*dh]
+        self.W_V = [f32(l.self_attn.v_proj.weight) for l in layers]  # [Hkv*dh, d]
+        self.v_bias = [None if l.self_attn.v_proj.bias is None else f32(l.self_attn.v_proj.bias) for l in layers]
+        self.o_bias = [None if l.self_attn.o_proj.bias is None else f32(l.self_attn.o_proj.bias) for l in layers]
+        self.w_in = [f32(l.input_layernorm.weight) for l in layers]
+        self.w_post = [f32(l.post_attention_layernorm.weight) for l in layers]
+        self.w_final = f32(model.model.norm.weight)
+        self.W_U = f32(model.lm_head.weight)
+        self.U_bias = None if getattr(model.lm_head, "bias", None) is None else f32(model.lm_head.bias)
+
+        # ---- transcoders: active features, errors, per-position padded decoder blocks
+        L, T = self.n_layers, self.n_pos
+        layer_l, pos_l, feat_l, act_l = [], [], [], []
+        self.errors = torch.zeros(L, T, self.d)
+        self.b_dec = torch.zeros(L, self.d)
+        enc_rows, dec_rows, b_enc = [], [], []
+        for l in range(L):
+            tc = transcoders[l]
+            x = cap.mlp_in[l]
+            acts = tc.encode(x.to(tc.W_enc.dtype)).float()
+            acts[0] = 0.0  # no features at BOS
+            recon = acts @ tc.W_dec.float() + tc.b_dec.float()
+            self.errors[l] = cap.mlp_out[l] - recon
+            self.b_dec[l] = tc.b_dec.float()
+            p, f = acts.nonzero(as_tuple=True)
+            layer_l.append(torch.full_like(p, l))
+            pos_l.append(p)
+            feat_l.append(f)
+            act_l.append(acts[p, f])
+            enc_rows.append(tc.W_enc[f].float())
+            dec_rows.append(tc.W_dec[f].float())
+            b_enc.append(tc.b_enc[f].float())
+        self.features = ActiveFeatures(
+            torch.cat(layer_l), torch.cat(pos_l), torch.cat(feat_l), torch.cat(act_l), torch.cat(act_l).clone()
+        )
+        self.enc = torch.cat(enc_rows)  # [n, d]
+        self.dec = torch.cat(dec_rows)  # [n, d]
+        self.b_enc = torch.cat(b_enc)  # [n]
+        self.n_features = len(self.features)
+        self.error_offset = self.n_features
+        self.token_offset = self.n_features + L * T
+        self.n_sources = self.token_offset + T
+        self._blocks = [self._decoder_block(l) for l in range(L)]
+
+    # ------------------------------------------------------------------ sources
+    def _decoder_block(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per position: activation-scaled decoder vectors [T, kmax, d] and their source index [T, kmax] (-1 = none)."""
+        sel = (self.features.layer == layer).nonzero(as_tuple=True)[0]
+        pos = self.features.pos[sel]
+        counts = torch.bincount(pos, minlength=self.n_pos)
+        kmax = int(counts.max()) if len(sel) else 1
+        vecs = torch.zeros(self.n_pos, kmax, self.d)
+        index = torch.full((self.n_pos, kmax), -1, dtype=torch.long)
+        # slot of each feature within its position (features are sorted by position)
+        starts = torch.cumsum(counts, 0) - counts
+        slot = torch.arange(len(sel)) - starts[pos]
+        vecs[pos, slot] = self.dec[sel] * self.features.act[sel, None]
+        index[pos, slot] = sel
+        return vecs, index
+
+    def error_index(self, layer: int, pos: torch.Tensor | int) -> torch.Tensor | int:
+        return self.error_offset + layer * self.n_pos + pos
+
+    # ------------------------------------------------------------------ targets
+    def feature_reading_vectors(self, idx: torch.Tensor) -> torch.Tensor:
+        """Reading vectors at ``mid_l`` of features ``idx`` (pre-activation = v . mid_l[pos] + b_enc)."""
+        layers, pos = self.features.layer[idx], self.features.pos[idx]
+        w_post = torch.stack(self.w_post)[layers]  # [n, d]
+        return self.enc[idx] * w_post * self.cap.scale_post[layers, pos][:, None]
+
+    def logit_reading_vectors(self, pos: int, tokens: torch.Tensor) -> torch.Tensor:
+        """Reading vectors at ``r_L`` of the centred logits (logit minus its mean over the vocabulary)."""
+        centred = self.W_U[tokens] - self.W_U.mean(0)
+        return centred * self.w_final * self.cap.scale_final[pos]
+
+    # ------------------------------------------------------------------ propagation
+    def _attn_backward(self, layer: int, G: torch.Tensor) -> torch.Tensor:
+        """Gradient at ``r_layer`` of a linear read of ``mid_layer`` through the frozen attention (excluding the skip)."""
+        B, T, _ = G.shape
+        H, Hkv, dh = self.n_heads, self.n_kv, self.d_head
+        A = self.cap.attn[layer, :, :T, :T]  # [H, q, k]
+        u = (G @ self.W_O[layer]).view(B, T, H, dh)  # [B, q, H, dh]
+        u = u.permute(2, 1, 0, 3).reshape(H, T, B * dh)  # [H, q, B*dh]
+        z = torch.bmm(A.transpose(1, 2), u)  # [H, k, B*dh]
+        z = z.view(H, T, B, dh)
+        if Hkv != H:
+            z = z.view(Hkv, H // Hkv, T, B, dh).sum(1)
+        z = z.permute(2, 1, 0, 3).reshape(B, T, Hkv * dh)
+        g = z @ self.W_V[layer]  # [B, k, d]
+        return g * self.w_in[layer] * self.cap.scale_in[layer, :T, None]
+
+    def _bias_through_attention(self, layer: int, G: torch.Tensor) -> torch.Tensor:
+        """Contribution of v_proj / o_proj biases of a layer to the reads (zero for standard Llama)."""
+        out = torch.zeros(G.shape[0])
+        if self.o_bias[layer] is not None:
+            out += (G @ self.o_bias[layer]).sum(1)
+        if self.v_bias[layer] is not None:
+            B, T, _ = G.shape
+            H, Hkv, dh = self.n_heads, self.n_kv, self.d_head
+            A = self.cap.attn[layer, :, :T, :T]
+            u = (G @ self.W_O[layer]).view(B, T, H, dh)
+            vb = self.v_bias[layer].view(Hkv, dh).repeat_interleave(H // Hkv, 0)  # [H, dh]
+            out += torch.einsum("bqhe,hq,he->b", u, A.sum(-1), vb)
+        return out
+
+    def rows(self, layer: int, pos: torch.Tensor, vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Edge rows for targets reading ``vectors`` at ``mid_layer`` (or ``r_L`` when ``layer == n_layers``).
+
+        Returns ``rows [B, n_sources]`` and ``bias [B]``, the part of each target that comes from
+        no node (b_dec of earlier layers, attention biases), so that ``rows.sum(1) + bias`` equals
+        the read value (``pre-activation - b_enc`` for features, the centred logit for logits).
+        """
+        B = vectors.shape[0]
+        T = int(pos.max()) + 1
+        G = torch.zeros(B, T, self.d)
+        G[torch.arange(B), pos] = vectors
+        rows = torch.zeros(B, self.n_sources)
+        bias = torch.zeros(B)
+        j = layer
+        if j < self.n_layers:
+            bias += self._bias_through_attention(j, G)
+            G = G + self._attn_backward(j, G)
+        while True:
+            if j == 0:
+                rows[:, self.token_offset : self.token_offset + T] = torch.einsum("btd,td->bt", G, self.cap.embed[:T])
+                break
+            src = j - 1
+            vecs, index = self._blocks[src]
+            contrib = torch.einsum("btd,tkd->btk", G, vecs[:T])  # [B, T, kmax]
+            idx = index[:T]
+            valid = idx >= 0
+            rows[:, idx[valid]] = contrib[:, valid]
+            start = self.error_offset + src * self.n_pos
+            rows[:, start : start + T] = torch.einsum("btd,td->bt", G, self.errors[src, :T])
+            bias += (G @ self.b_dec[src]).sum(1)
+            j = src
+            bias += self._bias_through_attention(j, G)
+            G = G + self._attn_backward(j, G)
+        return rows, bias
