@@ -33,8 +33,9 @@ def train_reasoner_cmd(
     checkpoint_every: int = typer.Option(0, help="Save a checkpoint every N steps (0: final only)."),
     seed: int = typer.Option(0),
     threads: int = typer.Option(0, help="torch threads (0: default)."),
+    init_from: Optional[Path] = typer.Option(None, help="Continue from this reasoner directory (its shape wins)."),
 ) -> None:
-    """Train the reasoner from scratch on generated canonical CoT."""
+    """Train the reasoner on generated canonical CoT (from scratch, or continuing with --init-from)."""
     from crv.reasoner.model import ModelConfig
     from crv.reasoner.train import TrainConfig, train_reasoner
     from crv.tasks.cot import GeneratorConfig
@@ -51,6 +52,7 @@ def train_reasoner_cmd(
         checkpoint_every=checkpoint_every,
         seed=seed,
         threads=threads,
+        init_from=str(init_from) if init_from else None,
     )
     train_reasoner(cfg, out, command="crv " + " ".join(sys.argv[1:]))
     typer.echo(f"saved {out / 'final'}")

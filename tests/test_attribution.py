@@ -39,6 +39,7 @@ def frozen_forward(lin, drop_source=None):
         mid = r + o
         mids.append(mid)
         writes = lin.errors[l].clone() + lin.b_dec[l]
+        writes[0] += lin.bos_out[l]  # BOS's MLP output is a constant, not a node
         sel = (lin.features.layer == l).nonzero(as_tuple=True)[0]
         for i in sel.tolist():
             if i != drop_source:

@@ -13,7 +13,8 @@ in closed form (no autograd).
 
 Source order (per sequence): ``[active features (layer, pos, feature order) |
 error nodes (layer-major, L*T) | token nodes (T)]``. Features at position 0
-(BOS) are zeroed, as circuit-tracer does; position 0 still has error and token nodes.
+(BOS) are zeroed and BOS's error vectors are constants (no node), as in circuit-tracer;
+position 0 keeps its token node (and an error node that never has edges).
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ class LinearReplacement:
         layer_l, pos_l, feat_l, act_l = [], [], [], []
         self.errors = torch.zeros(L, T, self.d)
         self.b_dec = torch.zeros(L, self.d)
+        self.bos_out = torch.zeros(L, self.d)
         enc_rows, dec_rows, b_enc = [], [], []
         for l in range(L):
             tc = transcoders[l]
@@ -75,6 +77,9 @@ class LinearReplacement:
             acts[0] = 0.0  # no features at BOS
             recon = acts @ tc.W_dec.float() + tc.b_dec.float()
             self.errors[l] = cap.mlp_out[l] - recon
+            # as in circuit-tracer, nothing at position 0 is a node: BOS's MLP output counts as a constant
+            self.bos_out[l] = self.errors[l, 0]
+            self.errors[l, 0] = 0.0
             self.b_dec[l] = tc.b_dec.float()
             p, f = acts.nonzero(as_tuple=True)
             layer_l.append(torch.full_like(p, l))
@@ -186,7 +191,7 @@ class LinearReplacement:
             rows[:, idx[valid]] = contrib[:, valid]
             start = self.error_offset + src * self.n_pos
             rows[:, start : start + T] = torch.einsum("btd,td->bt", G, self.errors[src, :T])
-            bias += (G @ self.b_dec[src]).sum(1)
+            bias += (G @ self.b_dec[src]).sum(1) + G[:, 0] @ self.bos_out[src]
             j = src
             bias += self._bias_through_attention(j, G)
             G = G + self._attn_backward(j, G)

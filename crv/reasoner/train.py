@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-from crv.reasoner.model import ModelConfig, build_model, save_reasoner
+from crv.reasoner.model import ModelConfig, build_model, load_reasoner, save_reasoner
 from crv.reasoner.tokenizer import build_tokenizer, encode_text
 from crv.tasks.cot import TASKS, GeneratorConfig, make_problem
 
@@ -37,6 +37,7 @@ class TrainConfig:
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     seed: int = 0
     checkpoint_every: int = 0  # 0: only the final model
+    init_from: str | None = None  # continue from this reasoner directory instead of a fresh init
     threads: int = 0  # 0: leave torch's default
 
 
@@ -130,8 +131,11 @@ def train_reasoner(
     out_dir = Path(out_dir)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    tokenizer = build_tokenizer()
-    model = build_model(cfg.model, tokenizer, seed=cfg.seed)
+    if cfg.init_from:
+        model, tokenizer = load_reasoner(cfg.init_from)
+    else:
+        tokenizer = build_tokenizer()
+        model = build_model(cfg.model, tokenizer, seed=cfg.seed)
     model.train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]

@@ -1,0 +1,88 @@
+"""The public entry point: model + transcoders + settings -> one graph per CoT step.
+
+    from crv.attribution.attributor import Attributor
+    att = Attributor.load()                           # shipped reasoner + transcoders
+    att = Attributor.load("path/to/llama", "path/to/transcoders")   # any local Llama + circuit-tracer-layout set
+    graphs = att.step_graphs(record)                  # one Graph per step of a labelled record
+
+A step's graph is computed at the newline that ends the step (the model is
+predicting how the reasoning goes on), over the whole context: question and
+all steps so far. All steps of a trace share one forward pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+from crv.attribution.engine import AttributionConfig, TraceAttribution
+from crv.attribution.graph import Graph
+from crv.reasoner.model import DEFAULT_REASONER_DIR, load_reasoner
+from crv.reasoner.tokenizer import encode_text
+from crv.tasks.cot import format_prompt
+from crv.tasks.schema import Record
+from crv.transcoders.io import TranscoderSet, load_transcoders
+
+
+def trace_text(record: Record) -> tuple[str, list[int]]:
+    """The trace as the model saw it, and the character offset of the newline ending each step."""
+    text = format_prompt(record.question)
+    ends = []
+    for step in record.steps:
+        text += step
+        ends.append(len(text))
+        text += "\n"
+    return text, ends
+
+
+def model_checksum(path: Path) -> str:
+    """SHA-256 (16 hex digits) of a model directory's weight files."""
+    h = hashlib.sha256()
+    for f in sorted(path.glob("*.safetensors")):
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class Attributor:
+    """A model with its transcoders and attribution settings."""
+
+    model: LlamaForCausalLM
+    tokenizer: PreTrainedTokenizerFast
+    transcoders: TranscoderSet
+    config: AttributionConfig
+    model_id: str = "crv-reasoner"
+
+    @classmethod
+    def load(
+        cls,
+        model_dir: str | Path | None = None,
+        transcoder_dir: str | Path | None = None,
+        config: AttributionConfig = AttributionConfig(),
+        dtype: torch.dtype = torch.float32,
+        device: str = "cpu",
+    ) -> "Attributor":
+        """Load a local Llama and its transcoders (defaults: the shipped ones) and check they fit."""
+        model_dir = Path(model_dir) if model_dir is not None else DEFAULT_REASONER_DIR
+        model, tok = load_reasoner(model_dir, dtype=dtype, device=device)
+        ts = load_transcoders(transcoder_dir, model=model, dtype=dtype, device=device)
+        return cls(model, tok, ts, config, model_id=f"{model_dir.name}@{model_checksum(model_dir)}")
+
+    def encode(self, text: str) -> torch.Tensor:
+        return torch.tensor(encode_text(self.tokenizer, text))
+
+    def trace(self, text: str, meta: dict | None = None) -> TraceAttribution:
+        """One forward pass over ``text``; graphs of any position can then be read from it."""
+        meta = {"model": self.model_id, "transcoders": self.transcoders.checksum(), **(meta or {})}
+        return TraceAttribution(self.model, self.transcoders, self.encode(text), self.config, meta)
+
+    def step_graphs(self, record: Record) -> list[Graph]:
+        """One attribution graph per step of a record (at the newline ending the step)."""
+        text, ends = trace_text(record)
+        tr = self.trace(text, {"problem_id": record.problem_id, "task": record.task})
+        # token index = character offset + 1 (BOS first)
+        return [tr.graph(pos=end + 1, step_index=i) for i, end in enumerate(ends)]

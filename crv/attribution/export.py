@@ -1,0 +1,94 @@
+"""Export a crv graph to circuit-tracer's graph JSON (what its web frontend reads).
+
+``write_circuit_tracer_files(graph, out_dir, slug, decode)`` writes ``<slug>.json``
+and adds the graph to ``graph-metadata.json`` in ``out_dir``; serve that folder
+with circuit-tracer's frontend to browse crv graphs. Nodes and links are those
+kept by :func:`crv.attribution.prune.prune`, with circuit-tracer's node ids.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+from crv.attribution.graph import Graph
+from crv.attribution.prune import prune
+
+
+def _cantor(x: int, y: int) -> int:
+    return (x + y) * (x + y + 1) // 2 + y
+
+
+def _node(node_id: str, js: str, feature: int, layer: str, pos: int, kind: str, **extra) -> dict:  # type: ignore[no-untyped-def]
+    node = {"node_id": node_id, "feature": feature, "layer": layer, "ctx_idx": pos, "feature_type": kind,
+            "token_prob": 0.0, "is_target_logit": False, "run_idx": 0, "reverse_ctx_idx": 0, "jsNodeId": js,
+            "clerp": "", "influence": None, "activation": None}
+    node.update(extra)
+    return node
+
+
+def to_circuit_tracer_json(
+    graph: Graph,
+    decode: Callable[[int], str],
+    slug: str,
+    scan: str = "crv",
+    node_threshold: float = 0.8,
+    edge_threshold: float = 0.98,
+) -> dict:
+    """The graph as circuit-tracer's frontend JSON document."""
+    pr = prune(graph, node_threshold, edge_threshold)
+    scores = pr.cumulative_scores.tolist()
+    nf, n_pos, L = graph.n_features, graph.n_pos, graph.n_layers
+    err_end, tok_end = nf + L * n_pos, nf + L * n_pos + n_pos
+    nodes: dict[int, dict] = {}
+    for i in pr.node_mask.nonzero(as_tuple=True)[0].tolist():
+        infl = scores[i]
+        if i < nf:
+            a = int(graph.selected_features[i])
+            layer, pos, feat = graph.active_features[a].tolist()
+            nodes[i] = _node(f"{layer}_{feat}_{pos}", f"{layer}_{feat}-0", _cantor(layer, feat), str(layer), pos,
+                             "cross layer transcoder", influence=infl, activation=float(graph.activation_values[a]))
+        elif i < err_end:
+            layer, pos = divmod(i - nf, n_pos)
+            nodes[i] = _node(f"0_{layer}_{pos}", f"{layer}_{pos}-0", -1, str(layer), pos, "mlp reconstruction error",
+                             influence=infl)
+        elif i < tok_end:
+            pos = i - err_end
+            tok = int(graph.tokens[pos])
+            nodes[i] = _node(f"E_{tok}_{pos}", f"E_{tok}-{pos}", pos, "E", pos, "embedding", influence=infl)
+        else:
+            j = i - tok_end
+            tok, prob = int(graph.logit_tokens[j]), float(graph.logit_probabilities[j])
+            layer = str(L + 1)
+            nodes[i] = _node(f"{layer}_{tok}_{n_pos - 1}", f"L_{tok}-{n_pos - 1}", tok, layer, n_pos - 1, "logit",
+                             token_prob=prob, is_target_logit=j == 0, clerp=f'Output "{decode(tok)}" (p={prob:.3f})')
+    dst, src = pr.edge_mask.nonzero(as_tuple=True)
+    links = [
+        {"source": nodes[s]["node_id"], "target": nodes[d]["node_id"], "weight": float(graph.adjacency[d, s])}
+        for d, s in zip(dst.tolist(), src.tolist())
+        if s in nodes and d in nodes
+    ]
+    connected = {x for link in links for x in (link["source"], link["target"])}
+    used = [n for n in nodes.values() if n["node_id"] in connected or n["feature_type"] in ("embedding", "logit")]
+    tokens = [decode(int(t)) for t in graph.tokens]
+    metadata = {"slug": slug, "scan": scan, "transcoder_list": [], "prompt_tokens": tokens, "prompt": "".join(tokens),
+                "node_threshold": node_threshold, "schema_version": 1}
+    qparams = {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""}
+    return {"metadata": metadata, "qParams": qparams, "nodes": used, "links": links}
+
+
+def write_circuit_tracer_files(
+    graph: Graph, out_dir: str | Path, slug: str, decode: Callable[[int], str], **kwargs  # type: ignore[no-untyped-def]
+) -> Path:
+    """Write ``<slug>.json`` and register it in ``graph-metadata.json`` under ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    doc = to_circuit_tracer_json(graph, decode, slug, **kwargs)
+    path = out_dir / f"{slug}.json"
+    path.write_text(json.dumps(doc, indent=2))
+    index = out_dir / "graph-metadata.json"
+    meta = json.loads(index.read_text()) if index.is_file() else {"graphs": []}
+    meta["graphs"] = [g for g in meta["graphs"] if g.get("slug") != slug] + [doc["metadata"]]
+    index.write_text(json.dumps(meta, indent=2))
+    return path
