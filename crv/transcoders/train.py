@@ -44,27 +44,35 @@ class _LayerTrainer:
         self.opt = torch.optim.Adam(tc.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
         self.since_fired = torch.zeros(tc.shape.d_transcoder, dtype=torch.long)
 
+    def _selected(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """ReLU'd pre-activations of the chosen features only (gradients touch only those encoder rows)."""
+        tc = self.tc
+        pre = torch.einsum("bd,bkd->bk", x, tc.W_enc[idx]) + tc.b_enc[idx]
+        return torch.relu(pre)
+
+    def _decode(self, idx: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.embedding_bag(idx, self.tc.W_dec, per_sample_weights=vals, mode="sum")
+
     def step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> tuple[float, float]:
         tc = self.tc
-        pre = tc.pre_activations(x)
-        vals, idx = pre.topk(tc.k, dim=-1)
-        vals = torch.relu(vals)
-        recon = torch.nn.functional.embedding_bag(idx, tc.W_dec, per_sample_weights=vals, mode="sum") + tc.b_dec
+        with torch.no_grad():  # choosing the features needs every pre-activation, the gradient does not
+            pre = tc.pre_activations(x)
+            idx = pre.topk(tc.k, dim=-1).indices
+        vals = self._selected(x, idx)
+        recon = self._decode(idx, vals) + tc.b_dec
         loss = normalized_mse(recon, y)
         fired = torch.zeros_like(self.since_fired, dtype=torch.bool)
-        fired[idx[vals > 0]] = True
+        fired[idx[vals.detach() > 0]] = True
         self.since_fired += x.shape[0]
         self.since_fired[fired] = 0
         dead = self.since_fired > self.cfg.dead_tokens
         aux = torch.zeros(())
         n_dead = int(dead.sum())
         if n_dead > 0:
-            k_aux = min(self.cfg.aux_k, n_dead)
-            dead_pre = pre.masked_fill(~dead, float("-inf"))
-            a_vals, a_idx = dead_pre.topk(k_aux, dim=-1)
-            a_recon = torch.nn.functional.embedding_bag(a_idx, tc.W_dec, per_sample_weights=torch.relu(a_vals), mode="sum")
-            aux = normalized_mse(a_recon, (y - recon).detach())
-            aux = torch.nan_to_num(aux)
+            with torch.no_grad():
+                a_idx = pre.masked_fill(~dead, float("-inf")).topk(min(self.cfg.aux_k, n_dead), dim=-1).indices
+            a_recon = self._decode(a_idx, self._selected(x, a_idx))
+            aux = torch.nan_to_num(normalized_mse(a_recon, (y - recon).detach()))
         total = loss + self.cfg.aux_coef * aux
         for g in self.opt.param_groups:
             g["lr"] = lr
