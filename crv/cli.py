@@ -144,6 +144,39 @@ def import_gsm8k_cmd(
     typer.echo(f"wrote {len(records)} records to {out}")
 
 
+@app.command("attribute")
+def attribute_cmd(
+    records: Path = typer.Argument(..., help="JSONL of labelled records (crv generate / import-gsm8k)."),
+    out: Path = typer.Option(Path("graphs/run"), help="Directory for the graphs (<problem_id>/step<k>.{safetensors,json})."),
+    model: Optional[Path] = typer.Option(None, help="Local Llama directory (default: the shipped reasoner)."),
+    transcoders: Optional[Path] = typer.Option(None, help="Transcoder directory (default: the shipped set)."),
+    max_feature_nodes: int = typer.Option(4096, help="Feature-node cap (0: uncapped)."),
+    limit: int = typer.Option(0, help="Only the first N records (0: all)."),
+    export_circuit_tracer: bool = typer.Option(False, help="Also write circuit-tracer frontend JSON per graph."),
+) -> None:
+    """Build one attribution graph per step of every record and save them."""
+    from tqdm.auto import tqdm
+
+    from crv.attribution.attributor import Attributor
+    from crv.attribution.engine import AttributionConfig
+    from crv.attribution.export import write_circuit_tracer_files
+    from crv.tasks.schema import read_records
+
+    recs = read_records(records)
+    if limit:
+        recs = recs[:limit]
+    att = Attributor.load(model, transcoders, AttributionConfig(max_feature_nodes=max_feature_nodes or None))
+    n = 0
+    for rec in tqdm(recs, desc="attribute", unit="trace"):
+        for g in att.step_graphs(rec):
+            name = f"step{g.meta['step_index']:03d}"
+            g.save(out / rec.problem_id / name)
+            if export_circuit_tracer:
+                write_circuit_tracer_files(g, out / "circuit-tracer", f"{rec.problem_id}-{name}", att.tokenizer.decode)
+            n += 1
+    typer.echo(f"wrote {n} graphs for {len(recs)} traces to {out}")
+
+
 @app.command("demo")
 def demo_cmd(
     count: int = typer.Option(40, help="Problems per task and n."),
