@@ -26,7 +26,8 @@ class TranscoderTrainConfig:
     buffer_tokens: int = 65_536
     lr: float = 1e-3
     warmup: int = 50
-    aux_k: int = 64  # dead features used by the auxiliary loss
+    aux_k: int = 32  # dead features used by the auxiliary loss
+    aux_tokens: int = 1024  # tokens of each batch the auxiliary loss looks at (keeps it cheap)
     aux_coef: float = 1 / 32
     dead_tokens: int = 200_000  # a feature is dead after this many tokens without firing
     seed: int = 0
@@ -69,10 +70,11 @@ class _LayerTrainer:
         aux = torch.zeros(())
         n_dead = int(dead.sum())
         if n_dead > 0:
+            m = min(self.cfg.aux_tokens, x.shape[0])
             with torch.no_grad():
-                a_idx = pre.masked_fill(~dead, float("-inf")).topk(min(self.cfg.aux_k, n_dead), dim=-1).indices
-            a_recon = self._decode(a_idx, self._selected(x, a_idx))
-            aux = torch.nan_to_num(normalized_mse(a_recon, (y - recon).detach()))
+                a_idx = pre[:m].masked_fill(~dead, float("-inf")).topk(min(self.cfg.aux_k, n_dead), dim=-1).indices
+            a_recon = self._decode(a_idx, self._selected(x[:m], a_idx))
+            aux = torch.nan_to_num(normalized_mse(a_recon, (y[:m] - recon[:m]).detach()))
         total = loss + self.cfg.aux_coef * aux
         for g in self.opt.param_groups:
             g["lr"] = lr
