@@ -75,7 +75,11 @@ def generate_records(
     for start in range(0, len(order), config.batch_size):
         idx = order[start : start + config.batch_size]
         batch = [problems[i] for i in idx]
-        budget = int(config.length_factor * max(len(p.completion) for p in batch)) + config.slack
+        # enough for the reference solution, or (without one) for n full rewrites of the question
+        budget = max(
+            int(config.length_factor * max(len(p.completion) for p in batch)) + config.slack,
+            max((p.n + 1) * (len(p.question) + config.slack) for p in batch),
+        )
         for i, p, text in zip(idx, batch, complete(model, tokenizer, [p.prompt for p in batch], budget)):
             results[i] = label_output(p, text)
         bar.update(len(idx))
