@@ -2,6 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.crv-installed
+PEER_STAMP := $(VENV)/.crv-peer-installed
 
 .PHONY: demo test install benchmarks clean
 
@@ -18,11 +19,18 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/crv demo
 
-test: $(STAMP)
+# the tests also check crv's graphs against circuit-tracer 0.5.0 (the optional `peer` extra)
+$(PEER_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[dev,peer]'
+	touch $@
+
+test: $(PEER_STAMP)
 	$(PY) -m pytest -q
 
-benchmarks: $(STAMP)
+benchmarks: $(PEER_STAMP)
 	$(PY) benchmarks/reasoner.py
+	$(PY) benchmarks/transcoders.py
+	$(PY) benchmarks/attribution.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

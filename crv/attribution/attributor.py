@@ -13,6 +13,7 @@ all steps so far. All steps of a trace share one forward pass.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,9 +81,16 @@ class Attributor:
         meta = {"model": self.model_id, "transcoders": self.transcoders.checksum(), **(meta or {})}
         return TraceAttribution(self.model, self.transcoders, self.encode(text), self.config, meta)
 
-    def step_graphs(self, record: Record) -> list[Graph]:
-        """One attribution graph per step of a record (at the newline ending the step)."""
+    def iter_step_graphs(self, record: Record) -> Iterator[Graph]:
+        """One attribution graph per step of a record (at the newline ending the step), lazily.
+
+        All steps share one forward pass and one row cache; only the current graph is held.
+        """
         text, ends = trace_text(record)
         tr = self.trace(text, {"problem_id": record.problem_id, "task": record.task})
-        # token index = character offset + 1 (BOS first)
-        return [tr.graph(pos=end + 1, step_index=i) for i, end in enumerate(ends)]
+        for i, end in enumerate(ends):
+            yield tr.graph(pos=end + 1, step_index=i)  # token index = character offset + 1 (BOS first)
+
+    def step_graphs(self, record: Record) -> list[Graph]:
+        """All step graphs of a record as a list (see :meth:`iter_step_graphs` for long traces)."""
+        return list(self.iter_step_graphs(record))

@@ -42,19 +42,99 @@ def salient_logits(logits: torch.Tensor, max_n_logits: int, desired_prob: float)
     return top_idx[:cutoff], top_p[:cutoff]
 
 
-def partial_influences(rows: torch.Tensor, logit_probs: torch.Tensor, row_nodes: torch.Tensor) -> torch.Tensor:
-    """Influence on the logits of every node, from the rows computed so far."""
-    b = rows.abs()
-    b = b / b.sum(1, keepdim=True).clamp_min(1e-8)
-    prod = torch.zeros(rows.shape[1])
-    prod[-len(logit_probs) :] = logit_probs
-    total = torch.zeros(rows.shape[1])
-    for _ in range(1000):
-        prod = prod[row_nodes] @ b
-        if not prod.any():
-            return total
-        total += prod
-    raise RuntimeError("influence did not converge")
+def layered_influences(
+    logit_norm: torch.Tensor, logit_probs: torch.Tensor, layer_rows: list[list[tuple[torch.Tensor, torch.Tensor]]]
+) -> torch.Tensor:
+    """Influence on the logits of every feature, from the rows visited so far.
+
+    Rows are |edge| rows normalised by their total |edge| (over all sources), as in
+    circuit-tracer's ``compute_partial_influences``, and this is the same fixed point
+    (influence = sum over paths of the products of normalised edge weights) computed in
+    one top-down pass: a layer-``l`` feature's row only reaches features of layers ``< l``
+    (the first ``k_l`` prefix features), so its influence is final once every higher
+    layer's rows have been applied. ``layer_rows[l]`` holds ``(feature indices, rows [n, k_l])``
+    chunks of visited layer-``l`` rows; ``logit_norm [n_logits, n_f]``. Error and token
+    columns are dropped: they never start a row, so they pass no influence on.
+    """
+    total = logit_probs @ logit_norm
+    for layer in range(len(layer_rows) - 1, 0, -1):
+        for idx, rows in layer_rows[layer]:
+            total[: rows.shape[1]] += total[idx] @ rows
+    return total
+
+
+class RowCache:
+    """Feature edge rows of one trace, each computed once, stored compactly per target layer.
+
+    A layer-``l`` feature only has edges from features and errors of layers ``< l`` and from
+    tokens, so its row is stored over those source columns only.
+    """
+
+    def __init__(self, lin: LinearReplacement, batch_size: int):
+        self.lin, self.batch_size = lin, batch_size
+        L, T, off = lin.n_layers, lin.n_pos, lin.layer_offsets
+        self.columns: list[torch.Tensor] = []
+        self.colmap: list[torch.Tensor] = []
+        for l in range(L):
+            cols = torch.cat([
+                torch.arange(off[l]),
+                lin.error_offset + torch.arange(l * T),
+                lin.token_offset + torch.arange(T),
+            ])
+            cmap = torch.full((lin.n_sources,), -1, dtype=torch.long)
+            cmap[cols] = torch.arange(len(cols))
+            self.columns.append(cols)
+            self.colmap.append(cmap)
+        self.blocks: list[torch.Tensor | None] = [None] * L
+        self.done = torch.zeros(lin.n_features, dtype=torch.bool)
+        self.abs_sum = torch.zeros(lin.n_features)  # sum of |edges| of each row
+        self.rows_computed = 0
+
+    def ensure(self, idx: torch.Tensor) -> None:
+        """Compute the rows of features ``idx`` that are not cached yet."""
+        lin = self.lin
+        missing = idx[~self.done[idx]].unique()
+        if len(missing) == 0:
+            return
+        layers = lin.features.layer[missing]
+        for layer in layers.unique().tolist():
+            sel = missing[layers == layer]
+            sel = sel[lin.features.pos[sel].argsort(stable=True)]  # short position range per batch
+            if self.blocks[layer] is None:
+                n_l = lin.layer_offsets[layer + 1] - lin.layer_offsets[layer]
+                self.blocks[layer] = torch.zeros(n_l, len(self.columns[layer]))
+            block = self.blocks[layer]
+            for start in range(0, len(sel), self.batch_size):
+                chunk = sel[start : start + self.batch_size]
+                rows, _ = lin.rows(layer, lin.features.pos[chunk], lin.feature_reading_vectors(chunk))
+                block[chunk - lin.layer_offsets[layer]] = rows[:, self.columns[layer]]
+                self.abs_sum[chunk] = rows.abs().sum(1)
+                self.done[chunk] = True
+                self.rows_computed += len(chunk)
+
+    def gather(self, idx: torch.Tensor, cols: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows of features ``idx`` restricted to source columns ``cols`` (computing missing rows).
+
+        ``out``, if given, must be zeros of shape ``[len(idx), len(cols)]``; it is filled in place.
+        """
+        self.ensure(idx)
+        if out is None:
+            out = torch.zeros(len(idx), len(cols))
+        layers = self.lin.features.layer[idx]
+        for layer in layers.unique().tolist():
+            where = (layers == layer).nonzero(as_tuple=True)[0]
+            m = self.colmap[layer][cols]
+            keep = (m >= 0).nonzero(as_tuple=True)[0]
+            local = idx[where] - self.lin.layer_offsets[layer]
+            sub = self.blocks[layer].index_select(0, local).index_select(1, m[keep])
+            w0, w1 = int(where[0]), int(where[-1]) + 1
+            if len(keep) == len(cols):
+                out.index_copy_(0, where, sub)
+            elif w1 - w0 == len(where):  # rows of one layer are contiguous when idx is sorted by layer
+                out[w0:w1].index_copy_(1, keep, sub)
+            else:
+                out.index_copy_(0, where, torch.zeros(len(where), len(cols)).index_copy_(1, keep, sub))
+        return out
 
 
 class TraceAttribution:
@@ -72,28 +152,16 @@ class TraceAttribution:
         self.cap = capture_forward(model, ids)
         self.lin = LinearReplacement(model, transcoders, self.cap)
         self.meta = dict(meta or {})
-        self._rows: dict[int, torch.Tensor] = {}
-        self.rows_computed = 0
+        self.cache = RowCache(self.lin, config.batch_size)
+
+    @property
+    def rows_computed(self) -> int:
+        return self.cache.rows_computed
 
     # ---------------------------------------------------------------- rows
     def feature_rows(self, idx: torch.Tensor) -> torch.Tensor:
-        """Edge rows (over all sources of the trace) of features ``idx``, computed once each."""
-        missing = torch.tensor([i for i in idx.tolist() if i not in self._rows], dtype=torch.long)
-        if len(missing):
-            layers = self.lin.features.layer[missing]
-            for layer in layers.unique().tolist():
-                sel = missing[layers == layer]
-                # targets sorted by position keep each batch's position range short
-                sel = sel[self.lin.features.pos[sel].argsort(stable=True)]
-                for start in range(0, len(sel), self.config.batch_size):
-                    chunk = sel[start : start + self.config.batch_size]
-                    rows, _ = self.lin.rows(layer, self.lin.features.pos[chunk], self.lin.feature_reading_vectors(chunk))
-                    for i, r in zip(chunk.tolist(), rows):
-                        self._rows[i] = r
-                    self.rows_computed += len(chunk)
-        if len(idx) == 0:
-            return torch.zeros(0, self.lin.n_sources)
-        return torch.stack([self._rows[i] for i in idx.tolist()])
+        """Full edge rows (over all sources of the trace) of features ``idx``, computed once each."""
+        return self.cache.gather(idx, torch.arange(self.lin.n_sources))
 
     def logit_rows(self, pos: int, tokens: torch.Tensor) -> torch.Tensor:
         rows, _ = self.lin.rows(self.lin.n_layers, torch.full((len(tokens),), pos), self.lin.logit_reading_vectors(pos, tokens))
@@ -121,13 +189,13 @@ class TraceAttribution:
         if budget == n_f:
             selected = torch.arange(n_f)
         else:
-            selected = self._greedy(feats, nonfeature_cols, logit_rows, probs, budget)
+            selected = self._greedy(feats, logit_rows, probs, budget)
 
         chosen = feats[selected]
         cols = torch.cat([chosen, nonfeature_cols])
         n_nodes = len(cols) + n_logits
         adjacency = torch.zeros(n_nodes, n_nodes)
-        adjacency[: len(chosen), : len(cols)] = self.feature_rows(chosen)[:, cols]
+        self.cache.gather(chosen, cols, out=adjacency[: len(chosen), : len(cols)])
         adjacency[-n_logits:, : len(cols)] = logit_rows[:, cols]
         active = torch.stack([lin.features.layer[feats], lin.features.pos[feats], lin.features.feat[feats]], 1)
         meta = {**self.meta, "position": pos, "step_index": step_index, "settings": asdict(cfg),
@@ -144,30 +212,29 @@ class TraceAttribution:
             meta=meta,
         )
 
-    def _greedy(
-        self, feats: torch.Tensor, nonfeature_cols: torch.Tensor, logit_rows: torch.Tensor, probs: torch.Tensor, budget: int
-    ) -> torch.Tensor:
+    def _greedy(self, feats: torch.Tensor, logit_rows: torch.Tensor, probs: torch.Tensor, budget: int) -> torch.Tensor:
         """circuit-tracer's greedy visit order; returns the selected prefix-feature indices, ascending."""
-        cfg = self.config
-        n_f, n_logits = len(feats), len(probs)
-        cols = torch.cat([feats, nonfeature_cols])
-        logit_offset = len(cols)
-        total = logit_offset + n_logits
-        edges = torch.zeros(budget + n_logits, total)
-        row_nodes = torch.zeros(budget + n_logits, dtype=torch.long)
-        edges[:n_logits, :logit_offset] = logit_rows[:, cols]
-        row_nodes[:n_logits] = logit_offset + torch.arange(n_logits)
+        cfg, lin = self.config, self.lin
+        n_f = len(feats)
+        layer_of = lin.features.layer[feats]
+        below = torch.searchsorted(layer_of, torch.arange(lin.n_layers)).tolist()  # k_l: prefix features below layer l
+        absl = logit_rows.abs()
+        logit_norm = absl[:, feats] / absl.sum(1, keepdim=True).clamp_min(1e-8)
+        layer_rows: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(lin.n_layers)]
         visited = torch.zeros(n_f, dtype=torch.bool)
-        st, n_visited = n_logits, 0
+        n_visited = 0
         while n_visited < budget:
-            influence = partial_influences(edges[:st], probs, row_nodes[:st])
-            rank = torch.argsort(influence[:n_f], descending=True, stable=True)
+            influence = layered_influences(logit_norm, probs, layer_rows)
+            rank = torch.argsort(influence, descending=True, stable=True)
             queue = rank[~visited[rank]][: min(cfg.update_interval * cfg.batch_size, budget - n_visited)]
             for start in range(0, len(queue), cfg.batch_size):
                 chunk = queue[start : start + cfg.batch_size]
-                edges[st : st + len(chunk), :logit_offset] = self.feature_rows(feats[chunk])[:, cols]
-                row_nodes[st : st + len(chunk)] = chunk
+                for layer in layer_of[chunk].unique().tolist():
+                    part = chunk[layer_of[chunk] == layer]
+                    if layer == 0:
+                        continue  # layer-0 features have no feature sources
+                    rows = self.cache.gather(feats[part], feats[: below[layer]]).abs_()
+                    layer_rows[layer].append((part, rows / self.cache.abs_sum[feats[part], None].clamp_min(1e-8)))
                 visited[chunk] = True
-                st += len(chunk)
                 n_visited += len(chunk)
         return visited.nonzero(as_tuple=True)[0]

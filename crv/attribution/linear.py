@@ -100,6 +100,10 @@ class LinearReplacement:
         self.token_offset = self.n_features + L * T
         self.n_sources = self.token_offset + T
         self._blocks = [self._decoder_block(l) for l in range(L)]
+        # the factored backward pass assumes no attention biases (standard Llama)
+        self.factored = all(b is None for b in self.v_bias + self.o_bias)
+        #: first feature index of each layer (features are sorted by layer), plus the total
+        self.layer_offsets = torch.searchsorted(self.features.layer, torch.arange(L + 1)).tolist()
 
     # ------------------------------------------------------------------ sources
     def _decoder_block(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,37 +166,75 @@ class LinearReplacement:
             out += torch.einsum("bqhe,hq,he->b", u, A.sum(-1), vb)
         return out
 
+    def _factored_attn_back(self, layer: int, vecs: torch.Tensor, coef: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``_attn_backward`` for G[b, t] = sum_i coef[b, i, t] * vecs[b, i] (skip kept): R vectors become R * (1 + H)."""
+        B, R, _ = vecs.shape
+        T = coef.shape[-1]
+        H, Hkv, dh = self.n_heads, self.n_kv, self.d_head
+        A = self.cap.attn[layer, :, :T, :T]  # [H, q, k]
+        u = (vecs @ self.W_O[layer]).view(B, R, H, dh)
+        W_V = self.W_V[layer].view(Hkv, dh, self.d).repeat_interleave(H // Hkv, 0)  # [H, dh, d]
+        new_vecs = torch.einsum("brhe,hed->brhd", u, W_V) * self.w_in[layer]
+        # new_coef[b, r, h, k] = s_in[k] * sum_q A[h, q, k] coef[b, r, q]
+        new_coef = torch.bmm(A.transpose(1, 2), coef.reshape(B * R, T).T.expand(H, T, B * R))  # [H, k, B*R]
+        new_coef = new_coef.permute(2, 0, 1).reshape(B, R * H, T) * self.cap.scale_in[layer, :T]
+        return torch.cat([vecs, new_vecs.reshape(B, R * H, self.d)], 1), torch.cat([coef, new_coef], 1)
+
+    def _factored_is_cheaper(self, R: int, T: int) -> bool:
+        # factored: R*H*T^2 (coefficients) + R*(1+H)*T*d (densify for the edges); dense: T^2*d
+        return self.factored and R * self.n_heads * T * T + R * (1 + self.n_heads) * T * self.d < T * T * self.d
+
     def rows(self, layer: int, pos: torch.Tensor, vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Edge rows for targets reading ``vectors`` at ``mid_layer`` (or ``r_L`` when ``layer == n_layers``).
 
         Returns ``rows [B, n_sources]`` and ``bias [B]``, the part of each target that comes from
         no node (b_dec of earlier layers, attention biases), so that ``rows.sum(1) + bias`` equals
         the read value (``pre-activation - b_enc`` for features, the centred logit for logits).
+
+        The backward gradient over positions starts as one vector at one position; through the
+        first attention layers it is kept factored (a few vectors with per-position coefficients,
+        ``H + 1`` times more per layer) while that is cheaper than the dense ``[T, d]`` form.
         """
         B = vectors.shape[0]
         T = int(pos.max()) + 1
-        G = torch.zeros(B, T, self.d)
-        G[torch.arange(B), pos] = vectors
+        vecs = vectors[:, None, :].clone()  # [B, R=1, d]
+        coef = torch.zeros(B, 1, T)
+        coef[torch.arange(B), 0, pos] = 1.0
+        G: torch.Tensor | None = None  # dense form, once the factored one stops paying off
+
+        def attn_back(j: int) -> None:
+            nonlocal vecs, coef, G
+            if G is None and self._factored_is_cheaper(vecs.shape[1], T):
+                vecs, coef = self._factored_attn_back(j, vecs, coef)
+                return
+            if G is None:
+                G, vecs, coef = torch.einsum("brt,brd->btd", coef, vecs), None, None
+            G = G + self._attn_backward(j, G)
+
+        def dense() -> torch.Tensor:
+            return G if G is not None else torch.einsum("brt,brd->btd", coef, vecs)
+
         rows = torch.zeros(B, self.n_sources)
         bias = torch.zeros(B)
         j = layer
         if j < self.n_layers:
-            bias += self._bias_through_attention(j, G)
-            G = G + self._attn_backward(j, G)
+            bias += self._bias_through_attention(j, dense())
+            attn_back(j)
         while True:
+            D = dense()
             if j == 0:
-                rows[:, self.token_offset : self.token_offset + T] = torch.einsum("btd,td->bt", G, self.cap.embed[:T])
+                rows[:, self.token_offset : self.token_offset + T] = torch.einsum("btd,td->bt", D, self.cap.embed[:T])
                 break
             src = j - 1
-            vecs, index = self._blocks[src]
-            contrib = torch.einsum("btd,tkd->btk", G, vecs[:T])  # [B, T, kmax]
+            block, index = self._blocks[src]
+            contrib = torch.einsum("btd,tkd->btk", D, block[:T])  # [B, T, kmax]
             idx = index[:T]
             valid = idx >= 0
             rows[:, idx[valid]] = contrib[:, valid]
             start = self.error_offset + src * self.n_pos
-            rows[:, start : start + T] = torch.einsum("btd,td->bt", G, self.errors[src, :T])
-            bias += (G @ self.b_dec[src]).sum(1) + G[:, 0] @ self.bos_out[src]
+            rows[:, start : start + T] = torch.einsum("btd,td->bt", D, self.errors[src, :T])
+            bias += (D @ self.b_dec[src]).sum(1) + D[:, 0] @ self.bos_out[src]
             j = src
-            bias += self._bias_through_attention(j, G)
-            G = G + self._attn_backward(j, G)
+            bias += self._bias_through_attention(j, D)
+            attn_back(j)
         return rows, bias

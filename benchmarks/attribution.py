@@ -1,0 +1,136 @@
+"""Attribution speed and agreement: crv per-trace vs crv per-step-from-scratch vs circuit-tracer 0.5.0.
+
+    python benchmarks/attribution.py                 # needs the peer extra: pip install -e '.[peer]'
+    python benchmarks/attribution.py --no-peer       # crv only
+
+On the shipped reasoner + transcoders, arithmetic traces (reference chains of thought) of 5 and
+10 operators, default settings (10 logits / 0.95 / 4096 features, batch 64). Per step graph:
+- crv_trace: one forward pass and one row cache per trace (total trace time / steps);
+- crv_prefix: a fresh TraceAttribution on the prefix ending at the step;
+- circuit_tracer: ``circuit_tracer.attribute`` on the same prefix.
+Also the worst relative adjacency difference vs circuit-tracer (max |A-B| / max |B|), and the
+peak RSS of a fresh process building every step graph of one 10-operator trace.
+Writes benchmarks/results/attribution.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from crv.attribution.attributor import Attributor, trace_text
+from crv.attribution.engine import AttributionConfig, TraceAttribution
+from crv.tasks.cot import generate_problems
+from crv.tasks.label import label_output
+
+RESULTS = Path(__file__).parent / "results" / "attribution.json"
+
+
+def records(n: int, count: int, seed: int):
+    return [label_output(p, p.completion) for p in generate_problems("arith", n, count, seed=seed)]
+
+
+def memory_probe(n: int, seed: int) -> None:
+    """Build every step graph of one n-operator trace; print the peak RSS in MB."""
+    att = Attributor.load()
+    for _ in att.iter_step_graphs(records(n, 1, seed)[0]):
+        pass
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--count", type=int, default=2, help="traces per difficulty")
+    ap.add_argument("--ns", type=int, nargs="+", default=[5, 10])
+    ap.add_argument("--seed", type=int, default=5150)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-peer", action="store_true", help="skip circuit-tracer")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--memory-probe", type=int, default=0, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.memory_probe:
+        memory_probe(args.memory_probe, args.seed)
+        return
+
+    att = Attributor.load()
+    cfg = att.config
+    peer = None
+    if not args.no_peer:
+        from crv.attribution.peer import CircuitTracerPeer, compare_graphs
+        from crv.reasoner.model import DEFAULT_REASONER_DIR
+        from crv.transcoders.io import DEFAULT_TRANSCODER_DIR
+
+        peer = CircuitTracerPeer.load(DEFAULT_REASONER_DIR, DEFAULT_TRANSCODER_DIR)
+        # warm-up (first nnsight trace compiles/allocates)
+        peer.graph(att.encode(trace_text(records(3, 1, args.seed)[0])[0])[:20], cfg)
+
+    by_n: dict[str, dict] = {}
+    worst_rel, all_same = 0.0, True
+    totals = {"crv_trace": [0.0, 0], "crv_prefix": [0.0, 0], "circuit_tracer": [0.0, 0]}
+    for n in args.ns:
+        t_trace = t_prefix = t_ct = 0.0
+        n_steps = 0
+        for rec in records(n, args.count, args.seed):
+            text, ends = trace_text(rec)
+            ids = att.encode(text)
+            start = time.perf_counter()
+            graphs = [g for g in att.iter_step_graphs(rec)]
+            t_trace += time.perf_counter() - start
+            for k, end in enumerate(ends):
+                prefix = ids[: end + 2]
+                start = time.perf_counter()
+                TraceAttribution(att.model, att.transcoders, prefix, cfg).graph()
+                t_prefix += time.perf_counter() - start
+                if peer is not None:
+                    pg = peer.graph(prefix, cfg)
+                    t_ct += pg.seconds
+                    cmp = compare_graphs(graphs[k], pg)
+                    worst_rel = max(worst_rel, cmp.max_rel_diff)
+                    all_same &= cmp.same_nodes
+                print(f"n={n} {rec.problem_id} step {k}: {graphs[k].n_pos} tokens, {graphs[k].n_features} features", flush=True)
+            n_steps += len(ends)
+            del graphs
+        row = {"steps": n_steps, "crv_trace": 1000 * t_trace / n_steps, "crv_prefix": 1000 * t_prefix / n_steps}
+        if peer is not None:
+            row["circuit_tracer"] = 1000 * t_ct / n_steps
+        by_n[str(n)] = row
+        for key, t in (("crv_trace", t_trace), ("crv_prefix", t_prefix), ("circuit_tracer", t_ct)):
+            totals[key][0] += t
+            totals[key][1] += n_steps
+        print(json.dumps({n: row}), flush=True)
+
+    ms = {k: (1000 * t / c if c else None) for k, (t, c) in totals.items()}
+    if peer is None:
+        ms["circuit_tracer"] = None
+    probe_n = max(args.ns)
+    rss = subprocess.run(
+        [sys.executable, __file__, "--memory-probe", str(probe_n), "--seed", str(args.seed), "--threads", str(args.threads)],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip().splitlines()[-1]
+    result = {
+        "ms_per_step": ms,
+        "speedup_vs_circuit_tracer": (ms["circuit_tracer"] / ms["crv_trace"]) if peer is not None else None,
+        "max_rel_diff_vs_circuit_tracer": worst_rel if peer is not None else None,
+        "same_nodes_as_circuit_tracer": all_same if peer is not None else None,
+        "by_n": by_n,
+        "peak_rss_mb": {str(probe_n): float(rss)},
+        "settings": {"max_n_logits": cfg.max_n_logits, "desired_logit_prob": cfg.desired_logit_prob,
+                     "max_feature_nodes": cfg.max_feature_nodes, "batch_size": cfg.batch_size,
+                     "threads": args.threads, "traces_per_n": args.count},
+        "command": "python benchmarks/attribution.py " + " ".join(sys.argv[1:]),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""Cross-check crv's graphs against circuit-tracer 0.5.0 (optional ``peer`` extra).
+
+    pip install -e .[peer]      # circuit-tracer==0.5.0 nnsight==0.7.0 transformer-lens==3.2.1
+    peer = CircuitTracerPeer.load("models/reasoner", "models/transcoders")
+    report = compare_graphs(crv_graph, peer.graph(ids, config))
+
+The library never needs circuit-tracer; this module imports it lazily and is
+used by the peer test and ``benchmarks/attribution.py``. Facts it relies on:
+circuit-tracer's transcoder loader ignores the TopK activation of the
+config, so each loaded transcoder gets a TopK(+ReLU) activation here; its
+nnsight backend loads a local Llama directory without the hub.
+
+Deliberate difference, none in the numbers: crv keeps the BOS position's MLP
+output as a constant (no error node, no features at position 0), exactly as
+circuit-tracer zeroes position 0; both give the same adjacency.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from torch import nn
+
+from crv.attribution.engine import AttributionConfig
+from crv.attribution.graph import Graph
+
+
+class TopKReLU(nn.Module):
+    """Keep the k largest pre-activations (ReLU'd), zero the rest: crv's transcoder activation."""
+
+    def __init__(self, k: int):
+        super().__init__()
+        self.k = k
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        values, idx = x.topk(self.k, dim=-1)
+        return torch.zeros_like(x).scatter(-1, idx, torch.relu(values))
+
+
+@dataclass
+class PeerGraph:
+    """The parts of a circuit-tracer graph that crv compares, plus its wall time."""
+
+    active_features: torch.Tensor  # [n_active, 3] (layer, pos, feature)
+    selected_features: torch.Tensor
+    logit_tokens: torch.Tensor
+    adjacency: torch.Tensor
+    seconds: float
+
+
+@dataclass
+class PeerComparison:
+    """How a crv graph and a circuit-tracer graph of the same prompt differ."""
+
+    same_nodes: bool  # same active features, selected features and logit tokens
+    max_abs_diff: float
+    max_rel_diff: float  # max |A - B| / max |B|
+
+    def ok(self, tol: float = 1e-4) -> bool:
+        return self.same_nodes and self.max_rel_diff <= tol
+
+
+class CircuitTracerPeer:
+    """circuit-tracer's ReplacementModel over a local Llama + circuit-tracer-layout transcoder directory."""
+
+    def __init__(self, replacement_model):
+        self.model = replacement_model
+
+    @classmethod
+    def load(cls, model_dir: str | Path, transcoder_dir: str | Path) -> "CircuitTracerPeer":
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        try:
+            from circuit_tracer import ReplacementModel
+            from circuit_tracer.transcoder.single_layer_transcoder import load_transcoder_set
+        except ImportError as e:  # pragma: no cover - depends on the environment
+            raise ImportError("circuit-tracer is not installed: pip install -e '.[peer]'") from e
+        transcoder_dir = Path(transcoder_dir)
+        cfg = yaml.safe_load((transcoder_dir / "config.yaml").read_text())
+        paths = {i: str(transcoder_dir / Path(name).name) for i, name in enumerate(cfg["transcoders"])}
+        cpu = torch.device("cpu")
+        ts = load_transcoder_set(
+            paths,
+            scan=str(cfg.get("model_name", "crv")),
+            feature_input_hook=cfg["feature_input_hook"],
+            feature_output_hook=cfg["feature_output_hook"],
+            device=cpu,
+            dtype=torch.float32,
+            lazy_encoder=False,
+            lazy_decoder=False,
+        )
+        for t in ts:
+            t.activation_function = TopKReLU(int(cfg["k"]))
+        rm = ReplacementModel.from_pretrained_and_transcoders(str(model_dir), ts, backend="nnsight", device=cpu, dtype=torch.float32)
+        return cls(rm)
+
+    def graph(self, ids: torch.Tensor, config: AttributionConfig = AttributionConfig()) -> PeerGraph:
+        """circuit-tracer's attribution graph of the last position of ``ids`` at crv's settings."""
+        from circuit_tracer import attribute
+
+        start = time.perf_counter()
+        g = attribute(
+            ids,
+            self.model,
+            max_n_logits=config.max_n_logits,
+            desired_logit_prob=config.desired_logit_prob,
+            max_feature_nodes=config.max_feature_nodes,
+            batch_size=config.batch_size,
+            update_interval=config.update_interval,
+            verbose=False,
+        )
+        seconds = time.perf_counter() - start
+        return PeerGraph(
+            active_features=g.active_features.cpu(),
+            selected_features=g.selected_features.cpu(),
+            logit_tokens=torch.tensor([int(t.vocab_idx) for t in g.logit_targets]),
+            adjacency=g.adjacency_matrix.cpu().float(),
+            seconds=seconds,
+        )
+
+
+def compare_graphs(mine: Graph, peer: PeerGraph) -> PeerComparison:
+    """Node sets must be identical; edges are compared relative to the largest peer edge."""
+    same = (
+        torch.equal(mine.active_features.long(), peer.active_features.long())
+        and torch.equal(mine.selected_features.long(), peer.selected_features.long())
+        and torch.equal(mine.logit_tokens.long(), peer.logit_tokens.long())
+        and mine.adjacency.shape == peer.adjacency.shape
+    )
+    if mine.adjacency.shape != peer.adjacency.shape:
+        return PeerComparison(False, float("inf"), float("inf"))
+    diff = (mine.adjacency - peer.adjacency).abs().max().item()
+    scale = peer.adjacency.abs().max().item() or 1.0
+    return PeerComparison(same, diff, diff / scale)
