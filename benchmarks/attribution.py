@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from crv.attribution.attributor import Attributor, trace_text
+from crv.attribution.attributor import Attributor, step_position, trace_text
 from crv.attribution.engine import AttributionConfig, TraceAttribution
 from crv.tasks.cot import generate_problems
 from crv.tasks.label import label_output
@@ -85,7 +85,7 @@ def main() -> None:
             graphs = [g for g in att.iter_step_graphs(rec)]
             t_trace += time.perf_counter() - start
             for k, end in enumerate(ends):
-                prefix = ids[: end + 2]
+                prefix = ids[: step_position(end) + 1]
                 start = time.perf_counter()
                 TraceAttribution(att.model, att.transcoders, prefix, cfg).graph()
                 t_prefix += time.perf_counter() - start

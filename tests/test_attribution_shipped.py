@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from crv.attribution.attributor import Attributor, trace_text
+from crv.attribution.attributor import Attributor, step_position, trace_text
 from crv.attribution.checks import completeness
 from crv.attribution.engine import AttributionConfig, TraceAttribution
 from crv.tasks.cot import generate_problems
@@ -37,8 +37,9 @@ def test_shipped_step_graphs_equal_prefix_graphs(att, record):
     cfg = AttributionConfig(max_feature_nodes=300)
     tr = TraceAttribution(att.model, att.transcoders, ids, cfg)
     for k, end in enumerate(ends):
-        pos = end + 1
-        assert att.tokenizer.decode([int(ids[pos])]) == "\n"
+        pos = step_position(end)
+        assert att.tokenizer.decode([int(ids[pos])]) == record.steps[k][-1]
+        assert att.tokenizer.decode([int(ids[pos + 1])]) == "\n"
         assert graphs[k].meta["step_index"] == k and graphs[k].n_pos == pos + 1
         g = tr.graph(pos)
         h = TraceAttribution(att.model, att.transcoders, ids[: pos + 1], cfg).graph()
@@ -55,7 +56,7 @@ def test_same_graph_as_circuit_tracer(att, record):
 
     peer = CircuitTracerPeer.load(DEFAULT_REASONER_DIR, DEFAULT_TRANSCODER_DIR)
     text, ends = trace_text(record)
-    ids = att.encode(text)[: ends[0] + 2]  # the first step's graph
+    ids = att.encode(text)[: step_position(ends[0]) + 1]  # the first step's graph
     for cap in (None, 200):
         cfg = AttributionConfig(max_feature_nodes=cap)
         mine = TraceAttribution(att.model, att.transcoders, ids, cfg).graph()

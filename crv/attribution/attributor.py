@@ -5,9 +5,8 @@
     att = Attributor.load("path/to/llama", "path/to/transcoders")   # any local Llama + circuit-tracer-layout set
     graphs = att.step_graphs(record)                  # one Graph per step of a labelled record
 
-A step's graph is computed at the newline that ends the step (the model is
-predicting how the reasoning goes on), over the whole context: question and
-all steps so far. All steps of a trace share one forward pass.
+A step's graph is computed at the step's last token (the paper's "after"
+setting), over the whole context: question and all steps so far. All steps of a trace share one forward pass.
 """
 
 from __future__ import annotations
@@ -38,6 +37,15 @@ def trace_text(record: Record) -> tuple[str, list[int]]:
         ends.append(len(text))
         text += "\n"
     return text, ends
+
+
+def step_position(end: int) -> int:
+    """Token index of a step's last character, given the character offset ``end`` of its newline.
+
+    The paper's "after" setting: the graph of a step is the one for the next-token prediction
+    at the step's last token (token index = character offset + 1, as BOS comes first).
+    """
+    return end
 
 
 def model_checksum(path: Path) -> str:
@@ -82,14 +90,14 @@ class Attributor:
         return TraceAttribution(self.model, self.transcoders, self.encode(text), self.config, meta)
 
     def iter_step_graphs(self, record: Record) -> Iterator[Graph]:
-        """One attribution graph per step of a record (at the newline ending the step), lazily.
+        """One attribution graph per step of a record (at the step's last token), lazily.
 
         All steps share one forward pass and one row cache; only the current graph is held.
         """
         text, ends = trace_text(record)
         tr = self.trace(text, {"problem_id": record.problem_id, "task": record.task})
         for i, end in enumerate(ends):
-            yield tr.graph(pos=end + 1, step_index=i)  # token index = character offset + 1 (BOS first)
+            yield tr.graph(pos=step_position(end), step_index=i)
 
     def step_graphs(self, record: Record) -> list[Graph]:
         """All step graphs of a record as a list (see :meth:`iter_step_graphs` for long traces)."""
