@@ -48,6 +48,20 @@ def step_position(end: int) -> int:
     return end
 
 
+#: where a step's graph is computed: "last" = the step's last token (the paper's "after"),
+#: "result" = the "=" of the step (the model is about to write the step's result; "last" if none)
+STEP_TARGETS = ("last", "result")
+
+
+def step_target(step: str, end: int, target: str = "last") -> int:
+    """Token index at which the graph of ``step`` is computed (``end``: character offset of its newline)."""
+    if target not in STEP_TARGETS:
+        raise ValueError(f"unknown step target {target!r}; choose from {STEP_TARGETS}")
+    if target == "result" and "=" in step:
+        return end - len(step) + step.index("=") + 1
+    return step_position(end)
+
+
 def model_checksum(path: Path) -> str:
     """SHA-256 (16 hex digits) of a model directory's weight files."""
     h = hashlib.sha256()
@@ -89,7 +103,7 @@ class Attributor:
         meta = {"model": self.model_id, "transcoders": self.transcoders.checksum(), **(meta or {})}
         return TraceAttribution(self.model, self.transcoders, self.encode(text), self.config, meta)
 
-    def iter_step_graphs(self, record: Record) -> Iterator[Graph]:
+    def iter_step_graphs(self, record: Record, target: str = "last") -> Iterator[Graph]:
         """One attribution graph per step of a record (at the step's last token), lazily.
 
         All steps share one forward pass and one row cache; only the current graph is held.
@@ -97,8 +111,8 @@ class Attributor:
         text, ends = trace_text(record)
         tr = self.trace(text, {"problem_id": record.problem_id, "task": record.task})
         for i, end in enumerate(ends):
-            yield tr.graph(pos=step_position(end), step_index=i)
+            yield tr.graph(pos=step_target(record.steps[i], end, target), step_index=i)
 
-    def step_graphs(self, record: Record) -> list[Graph]:
+    def step_graphs(self, record: Record, target: str = "last") -> list[Graph]:
         """All step graphs of a record as a list (see :meth:`iter_step_graphs` for long traces)."""
-        return list(self.iter_step_graphs(record))
+        return list(self.iter_step_graphs(record, target))

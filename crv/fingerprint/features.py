@@ -22,7 +22,8 @@ layer_hist_{l}, l < L          node      kept feature nodes in layer l
 density                        topology  edges / (m (m - 1)) of the pruned graph (m nodes)
 in_deg_mean / in_deg_max       topology  networkx in-degree centrality (in-degree / (m - 1))
 out_deg_mean / out_deg_max     topology  networkx out-degree centrality
-betweenness_mean / _max        topology  networkx betweenness centrality (unweighted, normalised)
+betweenness_mean / _max        topology  networkx betweenness centrality (unweighted, normalised; estimated
+                                         from 100 seeded pivots on graphs of more than 100 nodes)
 n_weak_components              topology  weakly connected components of the pruned graph
 edge_weight_mean / _max / _std topology  |weight| of the kept edges
 longest_token_logit_path       topology  edges on the longest path from a token node to a logit node (0 if none)
@@ -48,8 +49,8 @@ TOPOLOGY = (
     "density", "in_deg_mean", "in_deg_max", "out_deg_mean", "out_deg_max", "betweenness_mean", "betweenness_max",
     "n_weak_components", "edge_weight_mean", "edge_weight_max", "edge_weight_std", "longest_token_logit_path",
 )
-#: betweenness is exact up to this many nodes, then estimated from this many pivots (seeded)
-BETWEENNESS_EXACT_NODES = 400
+#: betweenness is exact up to this many nodes, then estimated from this many seeded pivot nodes
+BETWEENNESS_EXACT_NODES = 100
 
 
 def feature_names(n_layers: int) -> list[str]:

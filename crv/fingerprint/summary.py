@@ -84,7 +84,7 @@ def summarize(graph: Graph, pruned: Pruned | None = None, node_threshold: float 
         logit_probabilities=graph.logit_probabilities.float(),
         n_layers=L,
         error_influence_share=float(infl[e0:t0].sum() / non_logit),
-        meta={k: graph.meta.get(k) for k in ("problem_id", "task", "step_index", "position", "model", "transcoders")},
+        meta={k: graph.meta.get(k) for k in ("problem_id", "task", "step_index", "position", "model", "transcoders", "settings")},
     )
 
 
@@ -92,7 +92,7 @@ def save_summaries(summaries: list[GraphSummary], path: str | Path) -> Path:
     """Write the summaries of one trace to ``<path>.safetensors`` + ``<path>.json`` (atomically)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {f"{i}.{k}": getattr(s, k).contiguous() for i, s in enumerate(summaries) for k in _TENSORS}
+    tensors = {f"{i}.{k}": getattr(s, k).contiguous().clone() for i, s in enumerate(summaries) for k in _TENSORS}
     info = [{"n_layers": s.n_layers, "error_influence_share": s.error_influence_share, "meta": s.meta} for s in summaries]
     st = path.with_name(path.name + ".safetensors")
     js = path.with_name(path.name + ".json")

@@ -1,0 +1,134 @@
+"""The step classifier: gradient-boosted trees on fingerprints, faulty = positive class.
+
+    clf = StepClassifier().fit(X_train, y_train)          # X: DataFrame of named features
+    p_faulty = clf.predict_proba(X_test)[:, 1]
+    clf.save("models/classifiers/arith")                   # arith.xgb.json + arith.meta.json
+    clf = StepClassifier.load("models/classifiers/arith")
+
+Saved as xgboost's own JSON model plus a metadata JSON (feature names, parameters, the
+training data's checksum); never pickled. ``paper_parity_classifier()`` gives sklearn's
+GradientBoostingClassifier with defaults, as in the paper.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import xgboost as xgb
+from sklearn.ensemble import GradientBoostingClassifier
+from sklearn.model_selection import GroupShuffleSplit
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    """xgboost settings; ``scale_pos_weight=None`` balances classes from the training labels."""
+
+    n_estimators: int = 300
+    max_depth: int = 4
+    learning_rate: float = 0.05
+    subsample: float = 0.8
+    colsample_bytree: float = 0.8
+    min_child_weight: float = 1.0
+    scale_pos_weight: float | None = None
+    seed: int = 0
+    n_jobs: int = 2
+
+
+def data_checksum(X: pd.DataFrame, y: np.ndarray) -> str:
+    """SHA-256 (16 hex digits) of the training matrix and labels."""
+    h = hashlib.sha256()
+    h.update(",".join(X.columns).encode())
+    h.update(np.ascontiguousarray(X.to_numpy(dtype=np.float64)).tobytes())
+    h.update(np.ascontiguousarray(np.asarray(y, dtype=np.int64)).tobytes())
+    return h.hexdigest()[:16]
+
+
+class StepClassifier:
+    """xgboost binary classifier over named features with an sklearn-style API."""
+
+    def __init__(self, config: ClassifierConfig = ClassifierConfig()):
+        self.config = config
+        self.booster: xgb.XGBClassifier | None = None
+        self.feature_names: list[str] = []
+        self.meta: dict = {}
+
+    def fit(self, X: pd.DataFrame, y: np.ndarray) -> "StepClassifier":
+        y = np.asarray(y).astype(int)
+        if len(X) != len(y):
+            raise ValueError(f"X has {len(X)} rows but y has {len(y)} labels")
+        if set(np.unique(y)) != {0, 1}:
+            raise ValueError("training labels need both classes (1 = faulty, 0 = correct)")
+        cfg = self.config
+        spw = cfg.scale_pos_weight if cfg.scale_pos_weight is not None else float((y == 0).sum() / max(1, (y == 1).sum()))
+        self.booster = xgb.XGBClassifier(
+            n_estimators=cfg.n_estimators, max_depth=cfg.max_depth, learning_rate=cfg.learning_rate,
+            subsample=cfg.subsample, colsample_bytree=cfg.colsample_bytree, min_child_weight=cfg.min_child_weight,
+            scale_pos_weight=spw, random_state=cfg.seed, n_jobs=cfg.n_jobs, eval_metric="logloss", tree_method="hist",
+        )
+        self.feature_names = list(X.columns)
+        self.booster.fit(X.to_numpy(dtype=np.float32), y)
+        self.meta = {"feature_names": self.feature_names, "config": asdict(cfg), "scale_pos_weight": spw,
+                     "n_train": int(len(y)), "n_faulty": int(y.sum()), "train_checksum": data_checksum(X, y)}
+        return self
+
+    def _matrix(self, X: pd.DataFrame) -> np.ndarray:
+        if self.booster is None:
+            raise RuntimeError("classifier is not fitted")
+        missing = [c for c in self.feature_names if c not in X.columns]
+        if missing:
+            raise ValueError(f"missing feature columns: {missing[:5]}{'...' if len(missing) > 5 else ''}")
+        return X[self.feature_names].to_numpy(dtype=np.float32)
+
+    def predict_proba(self, X: pd.DataFrame) -> np.ndarray:
+        """``[n, 2]``: P(correct), P(faulty)."""
+        return self.booster.predict_proba(self._matrix(X))  # type: ignore[union-attr]
+
+    def predict(self, X: pd.DataFrame, threshold: float = 0.5) -> np.ndarray:
+        return (self.predict_proba(X)[:, 1] >= threshold).astype(int)
+
+    def feature_importances(self) -> pd.Series:
+        return pd.Series(self.booster.feature_importances_, index=self.feature_names).sort_values(ascending=False)  # type: ignore[union-attr]
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``<path>.xgb.json`` (the model) and ``<path>.meta.json``."""
+        if self.booster is None:
+            raise RuntimeError("classifier is not fitted")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.booster.save_model(str(path.with_name(path.name + ".xgb.json")))
+        path.with_name(path.name + ".meta.json").write_text(json.dumps(self.meta, indent=1))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "StepClassifier":
+        path = Path(path)
+        model_file, meta_file = path.with_name(path.name + ".xgb.json"), path.with_name(path.name + ".meta.json")
+        for f in (model_file, meta_file):
+            if not f.is_file():
+                raise FileNotFoundError(f"classifier file not found: {f}")
+        meta = json.loads(meta_file.read_text())
+        clf = cls(ClassifierConfig(**meta["config"]))
+        clf.booster = xgb.XGBClassifier()
+        clf.booster.load_model(str(model_file))
+        clf.feature_names, clf.meta = list(meta["feature_names"]), meta
+        return clf
+
+
+def paper_parity_classifier(seed: int = 0) -> GradientBoostingClassifier:
+    """sklearn's GradientBoostingClassifier with default hyper-parameters (the paper's choice)."""
+    return GradientBoostingClassifier(random_state=seed)
+
+
+def grouped_split(groups: np.ndarray, test_size: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Train / test row indices with no group (problem) on both sides."""
+    groups = np.asarray(groups)
+    if len(np.unique(groups)) < 2:
+        raise ValueError("need at least two problems to split")
+    split = GroupShuffleSplit(n_splits=1, test_size=test_size, random_state=seed)
+    train, test = next(split.split(np.zeros(len(groups)), groups=groups))
+    return train, test
