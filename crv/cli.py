@@ -168,7 +168,7 @@ def attribute_cmd(
     att = Attributor.load(model, transcoders, AttributionConfig(max_feature_nodes=max_feature_nodes or None))
     n = 0
     for rec in tqdm(recs, desc="attribute", unit="trace"):
-        for g in att.step_graphs(rec):
+        for g in att.iter_step_graphs(rec):
             name = f"step{g.meta['step_index']:03d}"
             g.save(out / rec.problem_id / name)
             if export_circuit_tracer:
@@ -189,6 +189,8 @@ def evaluate_cmd(
     model: Optional[Path] = typer.Option(None, help="Local Llama directory (default: the shipped reasoner)."),
     transcoders: Optional[Path] = typer.Option(None, help="Transcoder directory (default: the shipped set)."),
     max_feature_nodes: int = typer.Option(4096, help="Feature-node cap of the graphs (0: uncapped)."),
+    step_target: str = typer.Option("last", help="Where a step's graph is computed: last (paper), result, uncertain."),
+    extra_target: list[str] = typer.Option([], help="Also evaluate CRV on graphs at these step targets (method crv_<target>)."),
     test_fraction: float = typer.Option(0.2, help="Share of problems held out for testing."),
     n_boot: int = typer.Option(1000, help="Bootstrap resamples for the AUROC intervals."),
     threads: int = typer.Option(0, help="torch threads (0: default)."),
@@ -203,6 +205,11 @@ def evaluate_cmd(
     from crv.reasoner.generate import generate_records
     from crv.tasks.schema import read_records, write_records
 
+    from crv.attribution.attributor import STEP_TARGETS
+
+    for t in [step_target, *extra_target]:
+        if t not in STEP_TARGETS:
+            raise typer.BadParameter(f"unknown step target {t!r}; choose from {', '.join(STEP_TARGETS)}", param_hint="--step-target")
     if threads:
         torch.set_num_threads(threads)
     att = Attributor.load(model, transcoders, AttributionConfig(max_feature_nodes=max_feature_nodes or None))
@@ -212,36 +219,49 @@ def evaluate_cmd(
         records = generate_records(att.model, att.tokenizer, _problems(task, n, count, seed))
         write_records(records, run_dir / "records.jsonl")
     results = run_evaluation(records, att, run_dir, graph_dir or Path("graphs") / run_dir.name,
-                             EvalConfig(test_fraction=test_fraction, n_boot=n_boot), command="crv " + " ".join(sys.argv[1:]))
+                             EvalConfig(test_fraction=test_fraction, n_boot=n_boot), command="crv " + " ".join(sys.argv[1:]),
+                             target=step_target, extra_targets=tuple(extra_target))
     typer.echo("\n" + results["markdown"])
     typer.echo("\nwrote " + ", ".join(results["files"].values()))
 
 
 @app.command("demo")
 def demo_cmd(
-    count: int = typer.Option(40, help="Problems per task and n."),
-    out_dir: Path = typer.Option(Path("runs/demo"), help="Where the demo writes its data."),
+    count: int = typer.Option(50, help="Problems per task and n."),
+    out_dir: Path = typer.Option(Path("runs/demo"), help="Where the demo writes its data and report."),
+    max_feature_nodes: int = typer.Option(512, help="Feature-node cap of the graphs (the paper's is 4096)."),
     seed: int = typer.Option(7),
+    threads: int = typer.Option(2, help="torch threads."),
 ) -> None:
-    """The main job on the embedded default: solve fresh problems, label every step, print the table."""
+    """The main job on the embedded default: solve fresh problems, label steps, verify them with CRV vs baselines."""
+    import torch
+
+    from crv.attribution.attributor import Attributor
+    from crv.attribution.engine import AttributionConfig
+    from crv.evaluate.methods import EvalConfig
+    from crv.evaluate.pipeline import run_evaluation
     from crv.reasoner.generate import generate_records
-    from crv.reasoner.model import DEFAULT_REASONER_DIR, load_reasoner
+    from crv.reasoner.model import DEFAULT_REASONER_DIR
     from crv.tasks.schema import write_records
     from crv.tasks.stats import format_table, summarize_by
 
-    lm, tok = load_reasoner()
-    typer.echo(f"reasoner: {DEFAULT_REASONER_DIR} ({sum(p.numel() for p in lm.parameters()):,} parameters)")
-    problems = _problems(["arith", "bool"], [3, 5, 7, 10], count, seed)
-    records = generate_records(lm, tok, problems)
-    path = out_dir / "records.jsonl"
-    write_records(records, path)
+    torch.set_num_threads(threads)
+    att = Attributor.load(config=AttributionConfig(max_feature_nodes=max_feature_nodes))
+    typer.echo(f"reasoner: {DEFAULT_REASONER_DIR} ({sum(p.numel() for p in att.model.parameters()):,} parameters)")
+    problems = _problems(["arith"], [5, 7, 10], count, seed) + _problems(["bool"], [10], count, seed)
+    records = generate_records(att.model, att.tokenizer, problems)
+    write_records(records, out_dir / "records.jsonl")
     example = next((r for r in records if 0 in r.labels), None)
     if example is not None:
         typer.echo(f"\nA faulty trace ({example.problem_id}):\nQ: {example.question}")
         for step, label in zip(example.steps, example.labels):
             typer.echo(f"  [{'ok' if label else 'FAULTY'}] {step}")
-    typer.echo("\n" + format_table(summarize_by(records)))
-    typer.echo(f"\nwrote {len(records)} labelled traces to {path}")
+    typer.echo("\n" + format_table(summarize_by(records)) + "\n")
+    results = run_evaluation(records, att, out_dir, Path("graphs") / "demo", EvalConfig(n_boot=200),
+                             command="crv demo " + " ".join(sys.argv[2:]))
+    typer.echo("\nStep verification on held-out problems (percent; faulty = positive class):\n")
+    typer.echo(results["markdown"])
+    typer.echo("\nwrote " + ", ".join(results["files"].values()))
 
 
 def main() -> None:  # pragma: no cover

@@ -36,7 +36,7 @@ def test_evaluate_end_to_end(tmp_path):
     path, records = dataset(tmp_path)
     assert sum(r.labels.count(0) for r in records) == 16
     run_dir, graph_dir = tmp_path / "run", tmp_path / "graphs"
-    args = ["evaluate", "--data", str(path), "--run-dir", str(run_dir), "--graph-dir", str(graph_dir),
+    args = ["evaluate", "--data", str(path), "--run-dir", str(run_dir), "--graph-dir", str(graph_dir), "--extra-target", "result",
             "--max-feature-nodes", "64", "--n-boot", "20", "--test-fraction", "0.25", "--threads", "2"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -45,7 +45,8 @@ def test_evaluate_end_to_end(tmp_path):
     for task in ("arith", "bool"):
         assert out[task]["n_faulty"] == 8
         methods = out[task]["methods"]
-        assert {"crv", "crv_gbc", "maxprob", "ppl", "entropy", "temp_scaling", "energy", "lr_probe", "mlp_probe", "tc_only"} <= set(methods)
+        assert {"crv", "crv_gbc", "maxprob", "ppl", "entropy", "temp_scaling", "energy", "lr_probe", "mlp_probe", "tc_only",
+                "crv_result"} == set(methods)
         for m in methods.values():
             assert 0 <= m["auroc"] <= 1 and 0 <= m["fpr95"] <= 1 and m["auroc_ci"][0] <= m["auroc_ci"][1]
         assert set(out[task]["ablation_auroc"]) == {"without_global", "without_node", "without_topology"}
@@ -56,6 +57,7 @@ def test_evaluate_end_to_end(tmp_path):
     assert (run_dir / "classifiers" / "arith.xgb.json").is_file()
     # a second run reuses the cached graphs and gives the same fingerprints
     cached = list(graph_dir.rglob("*.safetensors"))
+    assert {p.relative_to(graph_dir).parts[0] for p in cached} == {"last", "result"}
     mtimes = {p: p.stat().st_mtime_ns for p in cached}
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output

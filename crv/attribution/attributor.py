@@ -48,17 +48,27 @@ def step_position(end: int) -> int:
     return end
 
 
-#: where a step's graph is computed: "last" = the step's last token (the paper's "after"),
-#: "result" = the "=" of the step (the model is about to write the step's result; "last" if none)
-STEP_TARGETS = ("last", "result")
+#: where a step's graph is computed: "last" = the step's last token (the paper's "after");
+#: "result" = the step's "=" (the model is about to write the result; "last" if there is none);
+#: "uncertain" = the position whose prediction of the step's next character was least confident
+STEP_TARGETS = ("last", "result", "uncertain")
 
 
-def step_target(step: str, end: int, target: str = "last") -> int:
-    """Token index at which the graph of ``step`` is computed (``end``: character offset of its newline)."""
+def step_target(step: str, end: int, target: str = "last", logits: torch.Tensor | None = None) -> int:
+    """Token index at which the graph of ``step`` is computed (``end``: character offset of its newline).
+
+    ``logits [T, V]`` of the trace are needed for ``"uncertain"``.
+    """
     if target not in STEP_TARGETS:
         raise ValueError(f"unknown step target {target!r}; choose from {STEP_TARGETS}")
+    start = end - len(step)  # character offset of the step's first character = token index predicting it
     if target == "result" and "=" in step:
-        return end - len(step) + step.index("=") + 1
+        return start + step.index("=") + 1
+    if target == "uncertain":
+        if logits is None:
+            raise ValueError("the 'uncertain' step target needs the trace's logits")
+        confidence = torch.softmax(logits[start:end].float(), -1).max(-1).values
+        return start + int(confidence.argmin())
     return step_position(end)
 
 
@@ -111,7 +121,7 @@ class Attributor:
         text, ends = trace_text(record)
         tr = self.trace(text, {"problem_id": record.problem_id, "task": record.task})
         for i, end in enumerate(ends):
-            yield tr.graph(pos=step_target(record.steps[i], end, target), step_index=i)
+            yield tr.graph(pos=step_target(record.steps[i], end, target, tr.cap.logits), step_index=i)
 
     def step_graphs(self, record: Record, target: str = "last") -> list[Graph]:
         """All step graphs of a record as a list (see :meth:`iter_step_graphs` for long traces)."""

@@ -149,7 +149,8 @@ class TraceAttribution:
         meta: dict | None = None,
     ):
         self.config = config
-        self.cap = capture_forward(model, ids)
+        with torch.no_grad():
+            self.cap = capture_forward(model, ids)
         self.lin = LinearReplacement(model, transcoders, self.cap)
         self.meta = dict(meta or {})
         self.cache = RowCache(self.lin, config.batch_size)
@@ -225,7 +226,7 @@ class TraceAttribution:
         n_visited = 0
         while n_visited < budget:
             influence = layered_influences(logit_norm, probs, layer_rows)
-            rank = torch.argsort(influence, descending=True, stable=True)
+            rank = torch.argsort(influence, descending=True)  # as circuit-tracer (its tie order among zero-influence features)
             queue = rank[~visited[rank]][: min(cfg.update_interval * cfg.batch_size, budget - n_visited)]
             for start in range(0, len(queue), cfg.batch_size):
                 chunk = queue[start : start + cfg.batch_size]

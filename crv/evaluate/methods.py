@@ -29,6 +29,8 @@ METHODS = {
     "lr_probe": "logistic regression on mean-pooled hidden states (layer chosen on the training split)",
     "mlp_probe": "MLP on mean-pooled hidden states (layer chosen on the training split)",
     "tc_only": "xgboost on per-layer transcoder activation statistics, no graph",
+    "crv_uncertain": "CRV on the graph at the step's least confident position (crv extension)",
+    "crv_result": "CRV on the graph at the step's \"=\" (crv extension)",
 }
 
 
@@ -117,4 +119,9 @@ def score_methods(train: pd.DataFrame, test: pd.DataFrame, cfg: EvalConfig) -> t
     scores["mlp_probe"], chosen["mlp_probe_layer"] = _probe(lambda: mlp_probe(cfg.seed), train, test, cfg)
     tc = fit_crv(train, groups["tc"], cfg)
     scores["tc_only"] = tc.predict_proba(test[groups["tc"]])[:, 1]
+    for group in (g for g in groups if g.startswith("fingerprint:")):
+        target = group.split(":", 1)[1]
+        clf = fit_crv(train, groups[group], cfg)
+        scores[f"crv_{target}"] = clf.predict_proba(test[groups[group]])[:, 1]
+        chosen[f"crv_{target}_top_features"] = clf.feature_importances().head(10).round(4).to_dict()
     return scores, chosen

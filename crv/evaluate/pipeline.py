@@ -21,6 +21,8 @@ def run_evaluation(
     config: EvalConfig = EvalConfig(),
     command: str = "",
     progress: bool = True,
+    target: str = "last",
+    extra_targets: tuple[str, ...] = (),
 ) -> dict:
     """Evaluate CRV and the baselines on ``records``; writes the step table, report files and classifiers.
 
@@ -30,9 +32,11 @@ def run_evaluation(
     """
     run_dir = Path(run_dir)
     graph_dir = Path(graph_dir) if graph_dir is not None else None
-    table = build_step_table(att, records, graph_dir, progress=progress)
+    table = build_step_table(att, records, graph_dir, progress=progress, target=target,
+                             extra_targets=extra_targets)
     save_step_table(table, run_dir, graph_dir)
     results = evaluate_table(table, config)
+    results["step_target"] = target
     fp = column_groups(table)["fingerprint"]
     for task in [t for t in results if isinstance(results[t], dict) and "methods" in results[t]]:
         t = table[table["task"] == task].reset_index(drop=True)

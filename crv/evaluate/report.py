@@ -23,7 +23,9 @@ def markdown_table(results: dict) -> str:
     head = "| method | " + " | ".join(f"{t} AUROC↑ | {t} AUPR↑ | {t} FPR@95↓" for t in tasks) + " |"
     sep = "|---|" + "---|---|---|" * len(tasks)
     lines = [head, sep]
-    for m in METHODS:
+    present = [m for m in METHODS if any(m in results[t]["methods"] for t in tasks)]
+    present += sorted({m for t in tasks for m in results[t]["methods"] if m not in METHODS})
+    for m in present:
         cells = []
         for t in tasks:
             r = results[t]["methods"].get(m)

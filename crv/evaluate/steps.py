@@ -12,8 +12,11 @@ Column groups of the step table (a pandas DataFrame):
   number of distinct features, mean / max / std activation;
 - ``h{l}.{i}``: hidden state ``l`` (0 = embeddings) mean-pooled over the step's tokens.
 
+- ``<target>:<name>``: the fingerprint of the graph at another step target (``extra_targets``).
+
 The step's tokens are its characters (the newline excluded); its graph is the one at its
-last token (``target="last"``, the paper's setting) or at its ``=`` (``target="result"``).
+last token (``target="last"``, the paper's setting), at its ``=`` (``"result"``) or where the
+model was least sure of the step's next character (``"uncertain"``).
 Pruned graph summaries are cached per trace under ``graph_dir`` and reused
 when their model / transcoder checksums match.
 """
@@ -86,17 +89,28 @@ def transcoder_stats(layer: torch.Tensor, pos: torch.Tensor, feat: torch.Tensor,
     return out
 
 
-def trace_rows(att: Attributor, record: Record, graph_dir: Path | None = None, target: str = "last") -> list[dict]:
-    """All step rows of one record (graphs from the cache when valid)."""
-    text, ends = trace_text(record)
-    tr = att.trace(text, {"problem_id": record.problem_id, "task": record.task})
+def _step_summaries(att: Attributor, tr, record: Record, ends: list[int], graph_dir: Path | None, target: str) -> list[GraphSummary]:
     cache = graph_dir / target / record.task / _safe_name(record.problem_id) if graph_dir is not None else None
     summaries = _cached(cache, att, len(ends)) if cache is not None else None
     if summaries is None:
-        summaries = [summarize(tr.graph(pos=step_target(record.steps[k], end, target), step_index=k))
+        summaries = [summarize(tr.graph(pos=step_target(record.steps[k], end, target, tr.cap.logits), step_index=k))
                      for k, end in enumerate(ends)]
         if cache is not None:
             save_summaries(summaries, cache)
+    return summaries
+
+
+def trace_rows(att: Attributor, record: Record, graph_dir: Path | None = None, target: str = "last",
+               extra_targets: tuple[str, ...] = ()) -> list[dict]:
+    """All step rows of one record (graphs from the cache when valid).
+
+    The fingerprint of the graph at ``target`` is unprefixed; those at ``extra_targets``
+    (computed from the same forward pass and row cache) are prefixed ``"<target>:"``.
+    """
+    text, ends = trace_text(record)
+    tr = att.trace(text, {"problem_id": record.problem_id, "task": record.task})
+    summaries = _step_summaries(att, tr, record, ends, graph_dir, target)
+    extra = {t: _step_summaries(att, tr, record, ends, graph_dir, t) for t in extra_targets if t != target}
     ids, logits = tr.cap.ids, tr.cap.logits
     with torch.no_grad():
         hidden = att.model(input_ids=ids[None].to(att.model.device), output_hidden_states=True).hidden_states
@@ -109,6 +123,8 @@ def trace_rows(att: Attributor, record: Record, graph_dir: Path | None = None, t
         row: dict = {"problem_id": record.problem_id, "task": record.task, "n": record.n, "step_index": k,
                      "faulty": int(record.labels[k] == 0)}
         row.update(fingerprint_summary(summaries[k]))
+        for t, summ in extra.items():
+            row.update({f"{t}:{name}": v for name, v in fingerprint_summary(summ[k]).items()})
         row.update(black_box(logits[lo - 1 : hi], ids[lo : hi + 1]))
         row.update(transcoder_stats(feats.layer, feats.pos, feats.feat, feats.act, lo, hi, tr.lin.n_layers))
         for l, h in enumerate(hidden):
@@ -118,26 +134,28 @@ def trace_rows(att: Attributor, record: Record, graph_dir: Path | None = None, t
 
 
 def build_step_table(att: Attributor, records: Iterable[Record], graph_dir: str | Path | None = None,
-                     progress: bool = True, target: str = "last") -> pd.DataFrame:
+                     progress: bool = True, target: str = "last", extra_targets: tuple[str, ...] = ()) -> pd.DataFrame:
     """The step table of a labelled dataset (see the module docstring for its columns)."""
     records = list(records)
     graph_dir = Path(graph_dir) if graph_dir is not None else None
     rows: list[dict] = []
     for rec in tqdm(records, desc="graphs", unit="trace", disable=not progress):
         if rec.steps:
-            rows.extend(trace_rows(att, rec, graph_dir, target))
+            rows.extend(trace_rows(att, rec, graph_dir, target, extra_targets))
     if not rows:
         raise ValueError("no steps to evaluate")
     return pd.DataFrame(rows)
 
 
 def column_groups(table: pd.DataFrame) -> dict[str, list[str]]:
-    """Column names by group: ``fingerprint``, ``bb``, ``tc``, ``hidden`` (a list per layer under ``h{l}``)."""
+    """Column names by group: ``fingerprint``, ``bb``, ``tc``, ``h{l}`` per hidden layer, ``fingerprint:{target}``."""
     groups: dict[str, list[str]] = {"fingerprint": [], "bb": [], "tc": []}
     for c in table.columns:
         if c in KEYS:
             continue
-        if c.startswith("bb."):
+        if ":" in c:
+            groups.setdefault("fingerprint:" + c.split(":")[0], []).append(c)
+        elif c.startswith("bb."):
             groups["bb"].append(c)
         elif c.startswith("tc."):
             groups["tc"].append(c)
