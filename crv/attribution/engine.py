@@ -102,7 +102,8 @@ class RowCache:
             sel = sel[lin.features.pos[sel].argsort(stable=True)]  # short position range per batch
             if self.blocks[layer] is None:
                 n_l = lin.layer_offsets[layer + 1] - lin.layer_offsets[layer]
-                self.blocks[layer] = torch.zeros(n_l, len(self.columns[layer]))
+                # rows are written before they are read (ensure), so untouched rows cost no memory
+                self.blocks[layer] = torch.empty(n_l, len(self.columns[layer]))
             block = self.blocks[layer]
             for start in range(0, len(sel), self.batch_size):
                 chunk = sel[start : start + self.batch_size]
