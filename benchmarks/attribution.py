@@ -45,6 +45,15 @@ def memory_probe(n: int, seed: int) -> None:
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
+def peak_rss(n: int, seed: int, threads: int) -> float:
+    """Peak RSS (MB) of a fresh process that builds every step graph of one n-operator trace."""
+    out = subprocess.run(
+        [sys.executable, __file__, "--memory-probe", str(n), "--seed", str(seed), "--threads", str(threads)],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip().splitlines()[-1]
+    return float(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--count", type=int, default=2, help="traces per difficulty")
@@ -54,10 +63,20 @@ def main() -> None:
     ap.add_argument("--no-peer", action="store_true", help="skip circuit-tracer")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--memory-probe", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--memory-only", action="store_true",
+                    help="only re-measure the peak RSS of the largest n and update it in --out")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.memory_probe:
         memory_probe(args.memory_probe, args.seed)
+        return
+    if args.memory_only:
+        n = max(args.ns)
+        result = json.loads(args.out.read_text())
+        result["peak_rss_mb"] = {str(n): peak_rss(n, args.seed, args.threads)}
+        result["peak_rss_command"] = "python benchmarks/attribution.py " + " ".join(sys.argv[1:])
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result["peak_rss_mb"]))
         return
 
     att = Attributor.load()
@@ -116,17 +135,14 @@ def main() -> None:
     if peer is None:
         ms["circuit_tracer"] = None
     probe_n = max(args.ns)
-    rss = subprocess.run(
-        [sys.executable, __file__, "--memory-probe", str(probe_n), "--seed", str(args.seed), "--threads", str(args.threads)],
-        capture_output=True, text=True, check=True,
-    ).stdout.strip().splitlines()[-1]
+    rss = peak_rss(probe_n, args.seed, args.threads)
     result = {
         "ms_per_step": ms,
         "speedup_vs_circuit_tracer": (ms["circuit_tracer"] / ms["crv_trace"]) if peer is not None else None,
         "max_rel_diff_vs_circuit_tracer": worst_rel if peer is not None else None,
         "same_nodes_as_circuit_tracer": all_same if peer is not None else None,
         "by_n": by_n,
-        "peak_rss_mb": {str(probe_n): float(rss)},
+        "peak_rss_mb": {str(probe_n): rss},
         "settings": {"max_n_logits": cfg.max_n_logits, "desired_logit_prob": cfg.desired_logit_prob,
                      "max_feature_nodes": cfg.max_feature_nodes, "batch_size": cfg.batch_size,
                      "threads": args.threads, "traces_per_n": args.count},
