@@ -227,7 +227,7 @@ def evaluate_cmd(
 
 @app.command("demo")
 def demo_cmd(
-    count: int = typer.Option(40, help="Arithmetic problems per n (5, 7, 10); half as many boolean n=10 problems."),
+    count: int = typer.Option(30, help="Arithmetic problems per n (5, 7, 10); half as many boolean n=10 problems."),
     out_dir: Path = typer.Option(Path("runs/demo"), help="Where the demo writes its data and report."),
     max_feature_nodes: int = typer.Option(512, help="Feature-node cap of the graphs (the paper's is 4096)."),
     seed: int = typer.Option(7),

@@ -51,7 +51,7 @@ def split(table: pd.DataFrame, cfg: EvalConfig) -> tuple[np.ndarray, np.ndarray]
     y, groups = table["faulty"].to_numpy(), table["problem_id"].to_numpy()
     n_faulty_problems = table.loc[table["faulty"] == 1, "problem_id"].nunique()
     if n_faulty_problems < k:
-        raise ValueError(f"only {n_faulty_problems} problems with a faulty step: need at least {k} to split")
+        raise ValueError(f"only {n_faulty_problems} problem(s) with a faulty step: need at least {k} to split")
     folds = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=cfg.seed)
     train, test = next(folds.split(np.zeros(len(y)), y, groups))
     return train, test
