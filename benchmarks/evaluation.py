@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 from crv.attribution.attributor import Attributor
@@ -41,6 +42,8 @@ def main() -> None:
     ap.add_argument("--extra-target", nargs="*", default=["uncertain"], help="also CRV on graphs at these step targets")
     ap.add_argument("--run-dir", type=Path, default=Path("runs/benchmark-evaluation"))
     ap.add_argument("--graph-dir", type=Path, default=Path("graphs/benchmark-evaluation"))
+    ap.add_argument("--reuse-steps", action="store_true",
+                    help="reuse <run-dir>/steps.parquet of an earlier run on the same records (skips the graphs)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     command = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/evaluation.py", *sys.argv[1:]])
@@ -54,9 +57,11 @@ def main() -> None:
         problems += [p for n in args.bool_ns for p in generate_problems("bool", n, args.bool_count, seed=args.seed)]
         records = generate_records(att.model, att.tokenizer, problems)
         write_records(records, records_path)
+    steps_file = args.run_dir / "steps.parquet"
+    table = pd.read_parquet(steps_file) if args.reuse_steps and steps_file.is_file() else None
     start = time.time()
     results = run_evaluation(records, att, args.run_dir, args.graph_dir, EvalConfig(), command=command,
-                             extra_targets=tuple(args.extra_target))
+                             extra_targets=tuple(args.extra_target), table=table)
     seconds = time.time() - start
     print(results["markdown"])
 
