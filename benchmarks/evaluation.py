@@ -73,7 +73,7 @@ def main() -> None:
             continue
         out[task] = {"n_steps": r["n_steps"], "n_faulty": r["n_faulty"], "n_test_steps": r["n_test_steps"],
                      "n_test_faulty": r["n_test_faulty"], "methods": r["methods"], "ablation_auroc": r["ablation_auroc"],
-                     "chosen_on_train": r["chosen_on_train"]}
+                     "chosen_on_train": r["chosen_on_train"], "ms_per_step": r.get("ms_per_step", {})}
     out["transfer"] = results["transfer"]
     out["transfer_trained_on_both"] = results["transfer_trained_on_both"]
     out["settings"] = {"max_feature_nodes": args.max_feature_nodes, "arith_count_per_n": args.count,

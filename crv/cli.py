@@ -193,6 +193,7 @@ def evaluate_cmd(
     extra_target: list[str] = typer.Option([], help="Also evaluate CRV on graphs at these step targets (method crv_<target>)."),
     test_fraction: float = typer.Option(0.2, help="Share of problems held out for testing."),
     n_boot: int = typer.Option(1000, help="Bootstrap resamples for the AUROC intervals."),
+    prm_epochs: int = typer.Option(8, help="Fine-tuning epochs of the PRM baseline (0: no PRM baselines)."),
     threads: int = typer.Option(0, help="torch threads (0: default)."),
 ) -> None:
     """Evaluate CRV against the baselines on a labelled CoT dataset (AUROC / AUPR / FPR@95, ablation, transfer)."""
@@ -202,6 +203,7 @@ def evaluate_cmd(
     from crv.attribution.engine import AttributionConfig
     from crv.evaluate.methods import EvalConfig
     from crv.evaluate.pipeline import run_evaluation
+    from crv.evaluate.prm import PRMConfig
     from crv.reasoner.generate import generate_records
     from crv.tasks.schema import read_records, write_records
 
@@ -219,7 +221,8 @@ def evaluate_cmd(
         records = generate_records(att.model, att.tokenizer, _problems(task, n, count, seed))
         write_records(records, run_dir / "records.jsonl")
     results = run_evaluation(records, att, run_dir, graph_dir or Path("graphs") / run_dir.name,
-                             EvalConfig(test_fraction=test_fraction, n_boot=n_boot), command="crv " + " ".join(sys.argv[1:]),
+                             EvalConfig(test_fraction=test_fraction, n_boot=n_boot,
+                                        prm=PRMConfig(epochs=prm_epochs) if prm_epochs > 0 else None), command="crv " + " ".join(sys.argv[1:]),
                              target=step_target, extra_targets=tuple(extra_target))
     typer.echo("\n" + results["markdown"])
     typer.echo("\nwrote " + ", ".join(results["files"].values()))

@@ -46,9 +46,11 @@ def test_evaluate_end_to_end(tmp_path):
         assert out[task]["n_faulty"] == 8
         methods = out[task]["methods"]
         assert {"crv", "crv_gbc", "maxprob", "ppl", "entropy", "temp_scaling", "energy", "lr_probe", "mlp_probe", "tc_only",
-                "crv_result"} == set(methods)
+                "crv_result", "prm_finetuned", "prm_frozen", "crv_plus_prm"} == set(methods)
         for m in methods.values():
             assert 0 <= m["auroc"] <= 1 and 0 <= m["fpr95"] <= 1 and m["auroc_ci"][0] <= m["auroc_ci"][1]
+        assert set(out[task]["ms_per_step"]) == {"crv", "prm_finetuned", "prm_frozen"}
+        assert all(v > 0 for v in out[task]["ms_per_step"].values())
         assert set(out[task]["ablation_auroc"]) == {"without_global", "without_node", "without_topology"}
     assert set(out["transfer"]) == {"arith->bool", "bool->arith"}
     assert (run_dir / "report.html").read_text().count("data:image/png;base64") == 1
@@ -59,8 +61,9 @@ def test_evaluate_end_to_end(tmp_path):
     cached = list(graph_dir.rglob("*.safetensors"))
     assert {p.relative_to(graph_dir).parts[0] for p in cached} == {"last", "result"}
     mtimes = {p: p.stat().st_mtime_ns for p in cached}
-    result = CliRunner().invoke(app, args)
+    result = CliRunner().invoke(app, args + ["--prm-epochs", "0"])
     assert result.exit_code == 0, result.output
+    assert "prm_finetuned" not in json.loads((run_dir / "evaluation.json").read_text())["arith"]["methods"]
     assert all(p.stat().st_mtime_ns == mtimes[p] for p in cached)
     pd.testing.assert_frame_equal(pd.read_parquet(graph_dir / "fingerprints.parquet"), fps)
     assert re.search(r"arith: \d+ steps \(8 faulty\)", (run_dir / "report.md").read_text())

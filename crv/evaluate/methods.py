@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -12,10 +13,13 @@ from sklearn.model_selection import StratifiedGroupKFold
 from sklearn.neural_network import MLPClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from crv.classify.metrics import auroc
 from crv.classify.model import ClassifierConfig, StepClassifier, paper_parity_classifier
-from crv.evaluate.steps import TEMPERATURES, column_groups, hidden_layers
+from crv.evaluate.prm import PRMConfig, ProcessRewardModel, last_token_states, state_layers
+from crv.evaluate.steps import KEYS, TEMPERATURES, column_groups, hidden_layers
+from crv.tasks.schema import Record
 
 #: method name -> short description (report legend)
 METHODS = {
@@ -31,6 +35,9 @@ METHODS = {
     "tc_only": "xgboost on per-layer transcoder activation statistics, no graph",
     "crv_uncertain": "CRV on the graph at the step's least confident position (crv extension)",
     "crv_result": "CRV on the graph at the step's \"=\" (crv extension)",
+    "prm_finetuned": "process reward model: the reasoner fine-tuned with a scalar head on the step's last token",
+    "prm_frozen": "process reward model, reasoner frozen: linear head on the step's last-token hidden state (layer chosen on the training split)",
+    "crv_plus_prm": "xgboost on the fingerprint plus the fine-tuned PRM's score (out-of-fold on the training split)",
 }
 
 
@@ -43,6 +50,20 @@ class EvalConfig:
     n_boot: int = 1000
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     probe_folds: int = 3
+    prm: PRMConfig | None = field(default_factory=PRMConfig)  # None: no PRM baselines
+
+
+@dataclass(frozen=True)
+class TextInputs:
+    """What the text-reading baselines (the PRMs) need besides the step table."""
+
+    reasoner: LlamaForCausalLM
+    tokenizer: PreTrainedTokenizerFast
+    records: dict[str, Record]  # by problem_id
+
+    def of(self, table: pd.DataFrame) -> list[Record]:
+        """The records of the problems in ``table``, in order of first appearance."""
+        return [self.records[p] for p in dict.fromkeys(table["problem_id"])]
 
 
 def split(table: pd.DataFrame, cfg: EvalConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -57,15 +78,25 @@ def split(table: pd.DataFrame, cfg: EvalConfig) -> tuple[np.ndarray, np.ndarray]
     return train, test
 
 
-def _probe(make: Callable[[], object], train: pd.DataFrame, test: pd.DataFrame, cfg: EvalConfig) -> tuple[np.ndarray, str]:
-    """Pick the hidden layer with the best grouped cross-validated AUROC on ``train``; score ``test``."""
+def _folds(train: pd.DataFrame, k: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Grouped (by problem), stratified folds of a training split."""
     y = train["faulty"].to_numpy()
-    folds = list(StratifiedGroupKFold(n_splits=cfg.probe_folds, shuffle=True, random_state=cfg.seed)
-                 .split(np.zeros(len(y)), y, train["problem_id"].to_numpy()))
-    groups = column_groups(train)
+    return list(StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+                .split(np.zeros(len(y)), y, train["problem_id"].to_numpy()))
+
+
+def _probe(make: Callable[[], object], train: pd.DataFrame, test: pd.DataFrame, cfg: EvalConfig,
+           layers: dict[str, list[str]] | None = None) -> tuple[np.ndarray, str]:
+    """Pick the layer (a group of columns; default: the mean-pooled hidden states) with the best
+    grouped cross-validated AUROC on ``train``; score ``test``."""
+    y = train["faulty"].to_numpy()
+    folds = _folds(train, cfg.probe_folds, cfg.seed)
+    if layers is None:
+        groups = column_groups(train)
+        layers = {layer: groups[layer] for layer in hidden_layers(train)}
     best, best_layer = -1.0, None
-    for layer in hidden_layers(train):
-        X = train[groups[layer]].to_numpy()
+    for layer, cols in layers.items():
+        X = train[cols].to_numpy()
         vals = []
         for tr, va in folds:
             if len(np.unique(y[tr])) < 2 or len(np.unique(y[va])) < 2:
@@ -76,7 +107,7 @@ def _probe(make: Callable[[], object], train: pd.DataFrame, test: pd.DataFrame, 
         score = float(np.mean(vals)) if vals else 0.5
         if score > best:
             best, best_layer = score, layer
-    cols = groups[best_layer]  # type: ignore[index]
+    cols = layers[best_layer]  # type: ignore[index]
     m = make()
     m.fit(train[cols].to_numpy(), y)  # type: ignore[attr-defined]
     return m.predict_proba(test[cols].to_numpy())[:, 1], str(best_layer)  # type: ignore[attr-defined]
@@ -95,8 +126,60 @@ def fit_crv(train: pd.DataFrame, columns: list[str], cfg: EvalConfig) -> StepCla
     return StepClassifier(cfg.classifier).fit(train[columns], train["faulty"].to_numpy())
 
 
-def score_methods(train: pd.DataFrame, test: pd.DataFrame, cfg: EvalConfig) -> tuple[dict[str, np.ndarray], dict]:
-    """Test-set scores of every method, plus what was chosen on the training split."""
+def _aligned(values: pd.Series | pd.DataFrame, table: pd.DataFrame) -> np.ndarray:
+    """Per-step values (indexed by problem_id, step_index) in the row order of ``table``."""
+    out = values.reindex(pd.MultiIndex.from_frame(table[["problem_id", "step_index"]]))
+    if out.isna().to_numpy().any():
+        raise ValueError("the records do not cover every step of the table")
+    return out.to_numpy()
+
+
+def score_prms(train: pd.DataFrame, test: pd.DataFrame, cfg: EvalConfig, text: TextInputs,
+               progress: bool = False) -> tuple[dict[str, np.ndarray], dict]:
+    """Test-set scores of the PRM baselines and of CRV + PRM, all trained on ``train``'s problems only."""
+    assert cfg.prm is not None
+    train_recs, test_recs = text.of(train), text.of(test)
+    scores: dict[str, np.ndarray] = {}
+    t0 = time.perf_counter()
+    prm = ProcessRewardModel(text.reasoner, text.tokenizer, cfg.prm).fit(train_recs, progress=progress)
+    t1 = time.perf_counter()
+    scores["prm_finetuned"] = _aligned(prm.score(test_recs), test)
+    t2 = time.perf_counter()
+    test_states = last_token_states(text.reasoner, text.tokenizer, test_recs)
+    t3 = time.perf_counter()
+    states = pd.concat([last_token_states(text.reasoner, text.tokenizer, train_recs), test_states])
+    layers = state_layers(states)
+    chosen: dict = {"prm_final_train_loss": round(prm.losses_[-1], 5), "prm_train_seconds": round(t1 - t0, 2),
+                    "ms_per_step": {"prm_finetuned": 1000 * (t2 - t1) / len(test),
+                                    "prm_frozen": 1000 * (t3 - t2) / len(test)}}
+
+    def with_states(t: pd.DataFrame) -> pd.DataFrame:
+        return pd.concat([t[KEYS].reset_index(drop=True),
+                          pd.DataFrame(_aligned(states, t), columns=states.columns)], axis=1)
+
+    scores["prm_frozen"], chosen["prm_frozen_layer"] = _probe(lr_probe, with_states(train), with_states(test), cfg, layers)
+
+    # CRV + PRM: the PRM score of a training step must come from a PRM that did not see it
+    oof = np.zeros(len(train))
+    for tr, va in _folds(train, cfg.prm.crossfit_folds, cfg.seed):
+        fold = ProcessRewardModel(text.reasoner, text.tokenizer, cfg.prm).fit(text.of(train.iloc[tr]))
+        oof[va] = _aligned(fold.score(text.of(train.iloc[va])), train.iloc[va])
+    fp = column_groups(train)["fingerprint"]
+    both_train = train[fp].assign(prm_score=oof)
+    both_test = test[fp].assign(prm_score=scores["prm_finetuned"])
+    both = StepClassifier(cfg.classifier).fit(both_train, train["faulty"].to_numpy())
+    scores["crv_plus_prm"] = both.predict_proba(both_test)[:, 1]
+    chosen["crv_plus_prm_top_features"] = both.feature_importances().head(10).round(4).to_dict()
+    return scores, chosen
+
+
+def score_methods(train: pd.DataFrame, test: pd.DataFrame, cfg: EvalConfig,
+                  text: TextInputs | None = None) -> tuple[dict[str, np.ndarray], dict]:
+    """Test-set scores of every method, plus what was chosen on the training split.
+
+    The PRM baselines (and CRV + PRM) need the traces' text: they run when ``text`` is given
+    and ``cfg.prm`` is set.
+    """
     groups = column_groups(train)
     y = train["faulty"].to_numpy()
     fp = groups["fingerprint"]
@@ -124,4 +207,8 @@ def score_methods(train: pd.DataFrame, test: pd.DataFrame, cfg: EvalConfig) -> t
         clf = fit_crv(train, groups[group], cfg)
         scores[f"crv_{target}"] = clf.predict_proba(test[groups[group]])[:, 1]
         chosen[f"crv_{target}_top_features"] = clf.feature_importances().head(10).round(4).to_dict()
+    if text is not None and cfg.prm is not None:
+        prm_scores, prm_chosen = score_prms(train, test, cfg, text)
+        scores.update(prm_scores)
+        chosen.update(prm_chosen)
     return scores, chosen

@@ -8,10 +8,10 @@ import pandas as pd
 
 from crv.attribution.attributor import Attributor
 from crv.classify.model import StepClassifier
-from crv.evaluate.methods import EvalConfig, split
+from crv.evaluate.methods import EvalConfig, TextInputs, split
 from crv.evaluate.report import markdown_table, write_report
 from crv.evaluate.run import evaluate_table, save_step_table
-from crv.evaluate.steps import build_step_table, column_groups
+from crv.evaluate.steps import build_step_table, column_groups, time_crv
 from crv.tasks.schema import Record
 
 
@@ -26,6 +26,7 @@ def run_evaluation(
     target: str = "last",
     extra_targets: tuple[str, ...] = (),
     table: pd.DataFrame | None = None,
+    cost_sample: int = 8,
 ) -> dict:
     """Evaluate CRV and the baselines on ``records``; writes the step table, report files and classifiers.
 
@@ -33,6 +34,8 @@ def run_evaluation(
     (``report.md``, ``evaluation.json``, ``report.html``), ``steps.parquet`` and the CRV
     classifier trained on each task's training split (``classifiers/<task>``) go to ``run_dir``.
     A step table from an earlier run of the same records (``steps.parquet``) may be passed as ``table``.
+    CRV's cost per step is timed from scratch on up to ``cost_sample`` test traces of each task
+    (the PRMs' on all test traces), in the same run.
     """
     run_dir = Path(run_dir)
     graph_dir = Path(graph_dir) if graph_dir is not None else None
@@ -41,12 +44,16 @@ def run_evaluation(
     elif len(table) != sum(len(r.steps) for r in records):
         raise ValueError(f"the step table has {len(table)} rows but the records have {sum(len(r.steps) for r in records)} steps")
     save_step_table(table, run_dir, graph_dir)
-    results = evaluate_table(table, config)
+    by_id = {r.problem_id: r for r in records}
+    results = evaluate_table(table, config, TextInputs(att.model, att.tokenizer, by_id))
     results["step_target"] = target
     fp = column_groups(table)["fingerprint"]
     for task in [t for t in results if isinstance(results[t], dict) and "methods" in results[t]]:
         t = table[table["task"] == task].reset_index(drop=True)
-        train_idx, _ = split(t, config)
+        train_idx, test_idx = split(t, config)
+        if cost_sample > 0:
+            sample = [by_id[p] for p in list(dict.fromkeys(t.iloc[test_idx]["problem_id"]))[:cost_sample]]
+            results[task]["ms_per_step"] = {"crv": time_crv(att, sample, target), **results[task]["ms_per_step"]}
         StepClassifier(config.classifier).fit(t.iloc[train_idx][fp], t.iloc[train_idx]["faulty"].to_numpy()).save(
             run_dir / "classifiers" / task)
     results["files"] = {k: str(v) for k, v in write_report(results, run_dir, command).items()}

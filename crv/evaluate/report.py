@@ -45,6 +45,10 @@ def markdown_table(results: dict) -> str:
     for t in tasks:
         ab = results[t]["ablation_auroc"]
         lines.append(f"Leave-one-family-out ({t}, CRV AUROC): " + ", ".join(f"{k} {100 * v:.1f}" for k, v in ab.items()))
+    for t in tasks:
+        cost = results[t].get("ms_per_step", {})
+        if cost:
+            lines.append(f"Cost per step ({t}, ms, this machine): " + ", ".join(f"{k} {v:.1f}" for k, v in cost.items()))
     for t, why in results.get("skipped", {}).items():
         lines.append(f"Skipped {t}: {why}")
     return "\n".join(lines)

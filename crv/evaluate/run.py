@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from crv.classify.metrics import auroc, evaluate_scores
-from crv.evaluate.methods import EvalConfig, fit_crv, score_methods, split
+from crv.evaluate.methods import EvalConfig, TextInputs, fit_crv, score_methods, split
 from crv.evaluate.steps import column_groups
 from crv.fingerprint.features import feature_families
 
@@ -18,12 +18,15 @@ def _n_layers(table: pd.DataFrame) -> int:
     return sum(1 for c in table.columns if c.startswith("layer_hist_"))
 
 
-def evaluate_task(table: pd.DataFrame, cfg: EvalConfig) -> dict:
-    """Every method's test metrics on one task's steps, the ablation, and the curves' raw scores."""
+def evaluate_task(table: pd.DataFrame, cfg: EvalConfig, text: TextInputs | None = None) -> dict:
+    """Every method's test metrics on one task's steps, the ablation, and the curves' raw scores.
+
+    With ``text`` (the traces and the reasoner) the PRM baselines are trained and scored too.
+    """
     train_idx, test_idx = split(table, cfg)
     train, test = table.iloc[train_idx], table.iloc[test_idx]
     y = test["faulty"].to_numpy()
-    scores, chosen = score_methods(train, test, cfg)
+    scores, chosen = score_methods(train, test, cfg, text)
     methods = {name: evaluate_scores(y, s, n_boot=cfg.n_boot, seed=cfg.seed).as_dict() for name, s in scores.items()}
     fp = column_groups(table)["fingerprint"]
     ablation = {}
@@ -38,7 +41,8 @@ def evaluate_task(table: pd.DataFrame, cfg: EvalConfig) -> dict:
         "n_test_faulty": int(y.sum()),
         "methods": methods,
         "ablation_auroc": ablation,
-        "chosen_on_train": chosen,
+        "chosen_on_train": {k: v for k, v in chosen.items() if k != "ms_per_step"},
+        "ms_per_step": chosen.get("ms_per_step", {}),
         "_curves": {"y": y, "scores": scores},
         "_split": (train_idx, test_idx),
     }
@@ -63,14 +67,17 @@ def transfer(tables: dict[str, pd.DataFrame], splits: dict[str, tuple[np.ndarray
     return pairs, both
 
 
-def evaluate_table(table: pd.DataFrame, cfg: EvalConfig = EvalConfig()) -> dict:
-    """Results for every task in the step table (tasks without enough faulty steps are reported as skipped)."""
+def evaluate_table(table: pd.DataFrame, cfg: EvalConfig = EvalConfig(), text: TextInputs | None = None) -> dict:
+    """Results for every task in the step table (tasks without enough faulty steps are reported as skipped).
+
+    ``text`` enables the baselines that read the traces (the PRMs).
+    """
     out: dict = {"settings": asdict(cfg), "skipped": {}}
     tables, splits = {}, {}
     for task, t in table.groupby("task", sort=True):
         t = t.reset_index(drop=True)
         try:
-            res = evaluate_task(t, cfg)
+            res = evaluate_task(t, cfg, text)
         except ValueError as e:
             out["skipped"][str(task)] = str(e)
             continue

@@ -23,6 +23,7 @@ when their model / transcoder checksums match.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
@@ -131,6 +132,20 @@ def trace_rows(att: Attributor, record: Record, graph_dir: Path | None = None, t
             row.update({f"h{l}.{i}": v for i, v in enumerate(h[lo : hi + 1].mean(0).tolist())})
         rows.append(row)
     return rows
+
+
+def time_crv(att: Attributor, records: Iterable[Record], target: str = "last") -> float:
+    """Milliseconds per step to fingerprint ``records`` from scratch (forward pass, graphs, pruning, fingerprint)."""
+    n, start = 0, time.perf_counter()
+    for rec in records:
+        text, ends = trace_text(rec)
+        tr = att.trace(text)
+        for k, end in enumerate(ends):
+            fingerprint_summary(summarize(tr.graph(pos=step_target(rec.steps[k], end, target, tr.cap.logits), step_index=k)))
+            n += 1
+    if n == 0:
+        raise ValueError("no steps to time")
+    return 1000 * (time.perf_counter() - start) / n
 
 
 def build_step_table(att: Attributor, records: Iterable[Record], graph_dir: str | Path | None = None,
