@@ -228,6 +228,93 @@ def evaluate_cmd(
     typer.echo("\nwrote " + ", ".join(results["files"].values()))
 
 
+@app.command("train-verifier")
+def train_verifier_cmd(
+    steps: list[Path] = typer.Argument(..., help="Step tables (steps.parquet or fingerprints.parquet of `crv evaluate`)."),
+    out: Optional[Path] = typer.Option(None, help="Writes <out>.xgb.json and <out>.meta.json (default: models/classifiers/default)."),
+    task: list[str] = typer.Option([], help="Only these tasks' steps (default: all)."),
+    model: Optional[Path] = typer.Option(None, help="The Llama the fingerprints came from (default: the shipped reasoner)."),
+    transcoders: Optional[Path] = typer.Option(None, help="Their transcoders (default: the shipped set)."),
+    max_feature_nodes: int = typer.Option(1024, help="Feature-node cap the fingerprints were computed with."),
+    step_target: str = typer.Option("last", help="Step target the fingerprints were computed at."),
+) -> None:
+    """Fit the CRV verifier (xgboost on fingerprints) on every labelled step of the tables and save it."""
+    import pandas as pd
+
+    from crv.attribution.attributor import Attributor
+    from crv.classify.model import DEFAULT_CLASSIFIER, StepClassifier
+    from crv.evaluate.steps import column_groups
+
+    out = out or DEFAULT_CLASSIFIER
+    missing = [str(p) for p in steps if not p.is_file()]
+    if missing:
+        raise typer.BadParameter(f"no such step table: {', '.join(missing)}")
+    table = pd.concat([pd.read_parquet(p) for p in steps], ignore_index=True)
+    if task:
+        table = table[table["task"].isin(task)]
+    if table.empty or table["faulty"].nunique() < 2:
+        raise typer.BadParameter("the tables need both faulty and correct steps")
+    fp = column_groups(table)["fingerprint"]
+    clf = StepClassifier().fit(table[fp], table["faulty"].to_numpy())
+    att = Attributor.load(model, transcoders)
+    clf.meta["provenance"] = {
+        "tables": [str(p) for p in steps], "tasks": sorted(table["task"].unique().tolist()),
+        "model": att.model_id, "transcoders": att.transcoders.checksum(),
+        "attribution": {"max_feature_nodes": max_feature_nodes, "step_target": step_target},
+        "command": "crv " + " ".join(sys.argv[1:]),
+    }
+    clf.save(out)
+    typer.echo(f"trained on {len(table)} steps ({int(table['faulty'].sum())} faulty) -> {out}.xgb.json, {out}.meta.json")
+
+
+@app.command("intervene")
+def intervene_cmd(
+    data: list[Path] = typer.Option(..., help="Labelled JSONL record file(s) (arith / bool)."),
+    classifier: Optional[Path] = typer.Option(None, help="Verifier (<path>.xgb.json + <path>.meta.json; default: the shipped one)."),
+    run_dir: Path = typer.Option(Path("runs/interventions"), help="interventions.json / .md go here."),
+    model: Optional[Path] = typer.Option(None, help="Local Llama directory (default: the shipped reasoner)."),
+    transcoders: Optional[Path] = typer.Option(None, help="Transcoder directory (default: the shipped set)."),
+    max_feature_nodes: Optional[int] = typer.Option(None, help="Feature-node cap of the graphs (default: the verifier's training setting)."),
+    k: int = typer.Option(8, help="Features edited per arm."),
+    factor: float = typer.Option(3.0, help="Scale of the amplify arms."),
+    positions: str = typer.Option("step", help="Edit the step's tokens (step) or every position from the step on (from_step)."),
+    locate: str = typer.Option("uncertain", help="Suspect position: uncertain (no labels) or oracle (first wrong character)."),
+    threshold: float = typer.Option(0.5, help="p_faulty at or above which the verifier flags a step."),
+    max_faulty: Optional[int] = typer.Option(None, help="Flagged faulty steps to try per task (default: all)."),
+    harm_steps: Optional[int] = typer.Option(None, help="Correct steps to test for harm (default: as many as flagged faulty)."),
+    seed: int = typer.Option(0),
+    threads: int = typer.Option(0, help="torch threads (0: default)."),
+) -> None:
+    """Correct flagged faulty steps by editing the features their graph rests on, against random-feature controls."""
+    import torch
+
+    from crv.attribution.attributor import Attributor
+    from crv.attribution.engine import AttributionConfig
+    from crv.classify.model import DEFAULT_CLASSIFIER, StepClassifier
+    from crv.interventions.experiment import InterventionConfig, format_example, markdown, run_experiment, write_results
+    from crv.tasks.schema import read_records
+
+    try:
+        cfg = InterventionConfig(k=k, factor=factor, positions=positions, locate=locate, threshold=threshold,
+                                 max_faulty=max_faulty, harm_steps=harm_steps, seed=seed)
+        clf = StepClassifier.load(classifier or DEFAULT_CLASSIFIER)
+    except (ValueError, FileNotFoundError) as e:
+        raise typer.BadParameter(str(e)) from e
+    if threads:
+        torch.set_num_threads(threads)
+    records = [r for path in data for r in read_records(path)]
+    if max_feature_nodes is None:
+        max_feature_nodes = clf.meta.get("provenance", {}).get("attribution", {}).get("max_feature_nodes", 1024)
+    att = Attributor.load(model, transcoders, AttributionConfig(max_feature_nodes=max_feature_nodes or None))
+    results = run_experiment(att, clf, records, cfg)
+    files = write_results(results, run_dir, "crv " + " ".join(sys.argv[1:]))
+    typer.echo("\n" + markdown(results))
+    for t in results.values():
+        for ex in (t.get("examples", [])[:1] if isinstance(t, dict) else []):
+            typer.echo("\n" + format_example(ex))
+    typer.echo("\nwrote " + ", ".join(str(f) for f in files.values()))
+
+
 @app.command("demo")
 def demo_cmd(
     count: int = typer.Option(30, help="Arithmetic problems per n (5, 7, 10); half as many boolean n=10 problems."),

@@ -23,6 +23,9 @@ import xgboost as xgb
 from sklearn.ensemble import GradientBoostingClassifier
 from sklearn.model_selection import GroupShuffleSplit
 
+#: The shipped verifier (``crv train-verifier`` on the evaluation benchmark's step table).
+DEFAULT_CLASSIFIER = Path(__file__).resolve().parents[2] / "models" / "classifiers" / "default"
+
 
 @dataclass(frozen=True)
 class ClassifierConfig:

@@ -1,0 +1,118 @@
+"""Regenerating a trace from one of its steps, with or without feature edits, and relabelling it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+from crv.interventions.patch import MODES, EditWindow, FeatureEdit, feature_patch
+from crv.reasoner.tokenizer import encode_text
+from crv.tasks.cot import Problem, format_prompt
+from crv.tasks.label import label_output
+from crv.tasks.schema import Record
+from crv.transcoders.io import TranscoderSet
+
+#: where edits apply: the regenerated step's tokens only, or every position from the step on
+POSITIONS = ("step", "from_step")
+
+
+@dataclass
+class Regeneration:
+    """The outcome of regenerating a trace from ``step_index``."""
+
+    step_index: int
+    edits: list[FeatureEdit]
+    positions: str
+    continuation: str  # the text generated from the start of the step
+    record: Record  # the whole trace relabelled (prefix + continuation)
+    step_correct: bool  # the regenerated step is labelled correct
+    solved: bool  # the final answer is right
+    new_step: str | None = field(default=None)  # the regenerated step (None: the model stopped first)
+
+
+def prefix_text(record: Record, step_index: int) -> str:
+    """The text before step ``step_index``: prompt and the earlier steps, each ending in a newline."""
+    return format_prompt(record.question) + "".join(s + "\n" for s in record.steps[:step_index])
+
+
+def problem_of(record: Record) -> Problem:
+    """The synthetic problem a record came from (what the labeller needs)."""
+    if record.task not in ("arith", "bool") or record.n is None:
+        raise ValueError(f"interventions need a synthetic task with a labeller (arith, bool), not {record.task!r}")
+    return Problem(record.problem_id, record.task, record.n, record.question, record.answer)  # type: ignore[arg-type]
+
+
+def check_step_index(record: Record, step_index: int) -> None:
+    if not record.steps:
+        raise ValueError(f"{record.problem_id}: the trace has no steps")
+    if not 0 <= step_index < len(record.steps):
+        raise ValueError(f"{record.problem_id}: step index {step_index} out of range 0..{len(record.steps) - 1}")
+
+
+@torch.no_grad()
+def greedy_continue(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, prefix: str, max_new_tokens: int,
+                    window: EditWindow | None = None, stop_edits_at_newline: bool = False) -> str:
+    """Greedy continuation of ``prefix`` (KV cache, batch 1) up to EOS; advances ``window.offset``."""
+    ids = encode_text(tokenizer, prefix)
+    limit = min(max_new_tokens, model.config.max_position_embeddings - len(ids))
+    newline = tokenizer.convert_tokens_to_ids("\n")
+    device = next(model.parameters()).device
+    x, past, out = torch.tensor([ids], device=device), None, []
+    offset = 0
+    for _ in range(max(0, limit)):
+        if window is not None:
+            window.offset = offset
+        o = model(input_ids=x, past_key_values=past, use_cache=True)
+        offset += x.shape[1]
+        past = o.past_key_values
+        tok = int(o.logits[0, -1].argmax())
+        if tok == tokenizer.eos_token_id:
+            break
+        out.append(tok)
+        if stop_edits_at_newline and window is not None and tok == newline and window.stop is None:
+            window.stop = offset  # the step ends: its newline (fed next, at position offset) and later are not edited
+        x = torch.tensor([[tok]], device=device)
+    return tokenizer.decode(out, skip_special_tokens=True)
+
+
+def regenerate(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, transcoders: TranscoderSet, record: Record,
+               step_index: int, edits: Sequence[FeatureEdit] = (), positions: str = "step",
+               max_new_tokens: int | None = None) -> Regeneration:
+    """Regenerate ``record`` from the start of step ``step_index`` with ``edits`` applied, then relabel it.
+
+    ``positions="step"`` edits the regenerated step's tokens (up to and including its newline),
+    ``"from_step"`` every position from the step on. With no edits this is the unedited control.
+    """
+    check_step_index(record, step_index)
+    if positions not in POSITIONS:
+        raise ValueError(f"unknown positions {positions!r}; choose from {', '.join(POSITIONS)}")
+    problem = problem_of(record)
+    prefix = prefix_text(record, step_index)
+    if max_new_tokens is None:
+        max_new_tokens = 2 * len(record.raw_output or "\n".join(record.steps)) + 64
+    # edits start at the prefix's last token (it predicts the step's first character)
+    window = EditWindow(start=len(encode_text(tokenizer, prefix)) - 1)
+    if edits:
+        with feature_patch(model, transcoders, list(edits), window):
+            continuation = greedy_continue(model, tokenizer, prefix, max_new_tokens, window, positions == "step")
+    else:
+        continuation = greedy_continue(model, tokenizer, prefix, max_new_tokens)
+    earlier = "".join(s + "\n" for s in record.steps[:step_index])
+    relabelled = label_output(problem, earlier + continuation, source=f"{record.source}+intervention")
+    new_steps = continuation.split("\n")
+    new_step = new_steps[0] if continuation else None
+    step_correct = len(relabelled.labels) > step_index and relabelled.labels[step_index] == 1
+    return Regeneration(step_index, list(edits), positions, continuation, relabelled, step_correct, relabelled.solved, new_step)
+
+
+def intervene(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, transcoders: TranscoderSet, record: Record,
+              step_index: int, features: Sequence[tuple[int, int]], mode: str = "clamp", value: float = 0.0,
+              positions: str = "step") -> Regeneration:
+    """The single-case API: edit ``features`` ((layer, feature) pairs) with ``mode`` and regenerate from the step."""
+    if mode not in MODES:
+        raise ValueError(f"unknown intervention mode {mode!r}; choose from {', '.join(MODES)}")
+    edits = [FeatureEdit(int(l), int(f), mode, value) for l, f in features]
+    return regenerate(model, tokenizer, transcoders, record, step_index, edits, positions)

@@ -1,0 +1,111 @@
+"""Which features to edit: those of the step's attribution graph that drive its suspect prediction.
+
+The *suspect position* of a step is where the prediction went wrong: by default the position
+where the model was least sure of the step's next character (``locate="uncertain"``, needs no
+labels, so it is what a deployed verifier can do); ``locate="oracle"`` uses the labeller's
+first wrong character of a miscomputed result (an upper bound). The graph at that position is
+read for the signed total effect of every feature node on the emitted token's logit
+(sum over all paths of the products of edge weights). Features are aggregated per
+(layer, feature) over the positions an intervention can edit (the step's own).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from crv.attribution.attributor import step_target
+from crv.attribution.graph import Graph
+from crv.tasks.expr import ParseError, evaluate, fmt_value, parse
+from crv.tasks.cot import STATE_SEP
+
+LOCATE = ("uncertain", "oracle")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A (layer, feature) and its signed total effect on the suspect logit, summed over the step's positions."""
+
+    layer: int
+    feature: int
+    effect: float
+
+
+def wrong_result_offset(step: str, dialect: str) -> int | None:
+    """Character offset in ``step`` of the first wrong character of its result (None if the result is right or unparsable)."""
+    op_text = step.split(STATE_SEP, 1)[0]
+    if "=" not in op_text:
+        return None
+    lhs, rhs = op_text.rsplit("=", 1)
+    try:
+        correct = fmt_value(evaluate(parse(lhs, dialect)))  # type: ignore[arg-type]
+    except (ParseError, RecursionError, ZeroDivisionError):
+        return None
+    if rhs == correct:
+        return None
+    i = next((j for j, (a, b) in enumerate(zip(rhs, correct)) if a != b), min(len(rhs), len(correct)))
+    return len(lhs) + 1 + i
+
+
+def suspect_position(step: str, end: int, logits: torch.Tensor, dialect: str, locate: str = "uncertain") -> int:
+    """Token index whose next-token prediction is suspect (``end``: character offset of the step's newline)."""
+    if locate not in LOCATE:
+        raise ValueError(f"unknown locate rule {locate!r}; choose from {', '.join(LOCATE)}")
+    if locate == "oracle":
+        off = wrong_result_offset(step, dialect)
+        if off is not None:
+            return end - len(step) + off
+    return step_target(step, end, "uncertain", logits)
+
+
+def logit_effects(graph: Graph, logit: int = 0, max_depth: int = 64) -> torch.Tensor:
+    """Signed total effect of every node on logit node ``logit`` (paths summed; the graph is acyclic)."""
+    A = graph.adjacency.double()
+    r = torch.zeros(graph.n_nodes, dtype=torch.float64)
+    r[graph.n_nodes - graph.n_logits + logit] = 1.0
+    total = torch.zeros_like(r)
+    for _ in range(max_depth):
+        r = r @ A
+        if not bool(r.abs().max() > 0):
+            break
+        total += r
+    return total
+
+
+def candidates(graph: Graph, first_position: int, token: int | None = None) -> list[Candidate]:
+    """Every (layer, feature) of the graph active at positions >= ``first_position``, by effect on ``token``'s logit.
+
+    ``token`` defaults to the graph's top logit (the emitted token under greedy decoding).
+    Sorted from the most positive effect (drives the prediction) to the most negative.
+    """
+    logit = 0
+    if token is not None:
+        hits = (graph.logit_tokens == token).nonzero()
+        if len(hits) == 0:
+            raise ValueError(f"token {token} is not among the graph's logit nodes")
+        logit = int(hits[0])
+    effects = logit_effects(graph, logit)[: graph.n_features]
+    sel = graph.active_features[graph.selected_features]
+    agg: dict[tuple[int, int], float] = {}
+    for (layer, pos, feat), e in zip(sel.tolist(), effects.tolist()):
+        if pos >= first_position:
+            agg[(layer, feat)] = agg.get((layer, feat), 0.0) + e
+    return [Candidate(l, f, e) for (l, f), e in sorted(agg.items(), key=lambda kv: -kv[1])]
+
+
+def random_like(chosen: list[Candidate], active: list[tuple[int, int]], rng: np.random.Generator) -> list[Candidate]:
+    """A control set: for each chosen feature, a random other active (layer, feature) of the same layer."""
+    taken = {(c.layer, c.feature) for c in chosen}
+    pool: dict[int, list[int]] = {}
+    for l, f in sorted(set(active) - taken):
+        pool.setdefault(l, []).append(f)
+    out = []
+    for c in chosen:
+        options = pool.get(c.layer, [])
+        if not options:
+            continue
+        f = options.pop(int(rng.integers(len(options))))
+        out.append(Candidate(c.layer, f, float("nan")))
+    return out
