@@ -275,9 +275,9 @@ def intervene_cmd(
     model: Optional[Path] = typer.Option(None, help="Local Llama directory (default: the shipped reasoner)."),
     transcoders: Optional[Path] = typer.Option(None, help="Transcoder directory (default: the shipped set)."),
     max_feature_nodes: Optional[int] = typer.Option(None, help="Feature-node cap of the graphs (default: the verifier's training setting)."),
-    k: int = typer.Option(8, help="Features edited per arm."),
+    k: int = typer.Option(3, help="Features edited per arm."),
     factor: float = typer.Option(3.0, help="Scale of the amplify arms."),
-    positions: str = typer.Option("step", help="Edit the step's tokens (step) or every position from the step on (from_step)."),
+    positions: str = typer.Option("suspect", help="Edit at the suspect position (suspect), the step's tokens (step) or every position from the step on (from_step)."),
     locate: str = typer.Option("uncertain", help="Suspect position: uncertain (no labels) or oracle (first wrong character)."),
     threshold: float = typer.Option(0.5, help="p_faulty at or above which the verifier flags a step."),
     max_faulty: Optional[int] = typer.Option(None, help="Flagged faulty steps to try per task (default: all)."),
@@ -310,7 +310,7 @@ def intervene_cmd(
     files = write_results(results, run_dir, "crv " + " ".join(sys.argv[1:]))
     typer.echo("\n" + markdown(results))
     for t in results.values():
-        for ex in (t.get("examples", [])[:1] if isinstance(t, dict) else []):
+        for ex in (t["examples"][:1] if isinstance(t, dict) and "arms" in t else []):
             typer.echo("\n" + format_example(ex))
     typer.echo("\nwrote " + ", ".join(str(f) for f in files.values()))
 

@@ -40,21 +40,21 @@ ARMS = ("targeted_suppress", "targeted_amplify", "random_suppress", "random_ampl
 class InterventionConfig:
     """Settings of the experiment."""
 
-    k: int = 8  # features edited per arm
+    k: int = 3  # features edited per arm
     factor: float = 3.0  # the amplify arms' scale
-    positions: str = "step"  # "step" or "from_step"
+    positions: str = "suspect"  # "suspect" (the suspect position only), "step" or "from_step"
     locate: str = "uncertain"  # "uncertain" (no labels needed) or "oracle"
     threshold: float = 0.5  # verifier's p_faulty at or above which a step is flagged
     max_faulty: int | None = None  # flagged faulty steps to try (None: all)
     harm_steps: int | None = None  # correct steps to test for harm (None: as many as flagged faulty)
     seed: int = 0
-    examples: int = 3
+    n_examples: int = 3  # worked examples kept per task
 
     def __post_init__(self) -> None:
         if self.k < 1:
             raise ValueError("k must be at least 1")
-        if self.positions not in POSITIONS:
-            raise ValueError(f"unknown positions {self.positions!r}; choose from {', '.join(POSITIONS)}")
+        if self.positions not in ("suspect", *POSITIONS):
+            raise ValueError(f"unknown positions {self.positions!r}; choose from suspect, {', '.join(POSITIONS)}")
         if self.locate not in LOCATE:
             raise ValueError(f"unknown locate rule {self.locate!r}; choose from {', '.join(LOCATE)}")
 
@@ -83,11 +83,11 @@ def plan_step(att: Attributor, classifier: StepClassifier, record: Record, step_
     p = float(classifier.predict_proba(pd.DataFrame([fp]))[0, 1])
     pos = suspect_position(step, end, tr.cap.logits, record.task, cfg.locate)
     first = end - len(step)  # the first position an intervention edits (it predicts the step's first character)
-    cands = candidates(tr.graph(pos=pos, step_index=step_index), first)
+    cands = candidates(tr.graph(pos=pos, step_index=step_index), pos if cfg.positions == "suspect" else first)
     suppress = [c for c in cands if c.effect > 0][: cfg.k]
     amplify = [c for c in reversed(cands) if c.effect < 0][: cfg.k]
     feats = tr.lin.features
-    in_step = (feats.pos >= first) & (feats.pos <= end)
+    in_step = (feats.pos == pos) if cfg.positions == "suspect" else (feats.pos >= first) & (feats.pos <= end)
     active = list(zip(feats.layer[in_step].tolist(), feats.feat[in_step].tolist()))
     return StepPlan(record, step_index, p, pos, suppress, amplify, random_like(suppress, active, rng),
                     random_like(amplify, active, rng))
@@ -102,9 +102,10 @@ def run_arms(att: Attributor, plan: StepPlan, cfg: InterventionConfig, arms: Seq
     sets = {"targeted_suppress": _edits(plan.suppress, "clamp", 0.0), "targeted_amplify": _edits(plan.amplify, "scale", cfg.factor),
             "random_suppress": _edits(plan.random_suppress, "clamp", 0.0), "random_amplify": _edits(plan.random_amplify, "scale", cfg.factor)}
     out = {"none": regenerate(att.model, att.tokenizer, att.transcoders, plan.record, plan.step_index)}
+    where = plan.suspect_position if cfg.positions == "suspect" else cfg.positions
     for arm in arms:
         if sets[arm]:
-            out[arm] = regenerate(att.model, att.tokenizer, att.transcoders, plan.record, plan.step_index, sets[arm], cfg.positions)
+            out[arm] = regenerate(att.model, att.tokenizer, att.transcoders, plan.record, plan.step_index, sets[arm], where)
     return out
 
 
@@ -143,7 +144,7 @@ def run_experiment(att: Attributor, classifier: StepClassifier, records: Sequenc
             rows.append({"problem_id": r.problem_id, "step_index": k, "p_faulty": plan.p_faulty, "reproduced": reproduced,
                          **{f"{a}.step": runs[a].step_correct for a in ARMS if a in runs},
                          **{f"{a}.solved": runs[a].solved for a in ARMS if a in runs}})
-            if reproduced and any(runs[a].solved for a in ARMS[:2] if a in runs) and len(examples) < config.examples:
+            if reproduced and any(runs[a].solved for a in ARMS[:2] if a in runs) and len(examples) < config.n_examples:
                 examples.append(_example(plan, runs))
         n_harm = config.harm_steps if config.harm_steps is not None else max(len(rows), 1)
         solved = [r for r in recs if r.solved]
@@ -223,7 +224,7 @@ def write_results(results: dict, run_dir: str | Path, command: str = "") -> dict
     rows = {t: {"faulty": v["_rows"], "correct": v["_harm_rows"]} for t, v in results.items() if isinstance(v, dict) and "_rows" in v}
     files = {"json": run_dir / "interventions.json", "md": run_dir / "interventions.md"}
     files["json"].write_text(json.dumps({**public, "rows": rows, "command": command}, indent=1, default=float) + "\n")
-    examples = [format_example(e) for t in public.values() if isinstance(t, dict) for e in t.get("examples", [])]
+    examples = [format_example(e) for t in public.values() if isinstance(t, dict) and "arms" in t for e in t["examples"]]
     files["md"].write_text(f"# Interventions\n\n`{command}`\n\n{markdown(results)}\n\n## Worked examples\n\n"
                            + ("\n\n".join(f"```\n{e}\n```" for e in examples) or "none") + "\n")
     return files

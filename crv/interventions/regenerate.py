@@ -16,6 +16,7 @@ from crv.tasks.schema import Record
 from crv.transcoders.io import TranscoderSet
 
 #: where edits apply: the regenerated step's tokens only, or every position from the step on
+#: (or, passing an int, one absolute token position inside the step, e.g. its suspect position)
 POSITIONS = ("step", "from_step")
 
 
@@ -79,22 +80,29 @@ def greedy_continue(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast,
 
 
 def regenerate(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, transcoders: TranscoderSet, record: Record,
-               step_index: int, edits: Sequence[FeatureEdit] = (), positions: str = "step",
+               step_index: int, edits: Sequence[FeatureEdit] = (), positions: str | int = "step",
                max_new_tokens: int | None = None) -> Regeneration:
     """Regenerate ``record`` from the start of step ``step_index`` with ``edits`` applied, then relabel it.
 
-    ``positions="step"`` edits the regenerated step's tokens (up to and including its newline),
-    ``"from_step"`` every position from the step on. With no edits this is the unedited control.
+    ``positions="step"`` edits the positions that predict the step's characters and its newline,
+    ``"from_step"`` every position from the step on, an int that one token position (it must
+    predict a character of the step). With no edits this is the unedited control.
     """
     check_step_index(record, step_index)
-    if positions not in POSITIONS:
-        raise ValueError(f"unknown positions {positions!r}; choose from {', '.join(POSITIONS)}")
     problem = problem_of(record)
     prefix = prefix_text(record, step_index)
     if max_new_tokens is None:
         max_new_tokens = 2 * len(record.raw_output or "\n".join(record.steps)) + 64
-    # edits start at the prefix's last token (it predicts the step's first character)
-    window = EditWindow(start=len(encode_text(tokenizer, prefix)) - 1)
+    first = len(encode_text(tokenizer, prefix)) - 1  # the prefix's last token predicts the step's first character
+    if isinstance(positions, int):
+        last = first + len(record.steps[step_index])
+        if not first <= positions <= last:
+            raise ValueError(f"position {positions} is not inside step {step_index} (token positions {first}..{last})")
+        window = EditWindow(start=positions, stop=positions + 1)
+    elif positions in POSITIONS:
+        window = EditWindow(start=first)
+    else:
+        raise ValueError(f"unknown positions {positions!r}; choose from {', '.join(POSITIONS)} or a token position")
     if edits:
         with feature_patch(model, transcoders, list(edits), window):
             continuation = greedy_continue(model, tokenizer, prefix, max_new_tokens, window, positions == "step")
@@ -110,9 +118,11 @@ def regenerate(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, tran
 
 def intervene(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, transcoders: TranscoderSet, record: Record,
               step_index: int, features: Sequence[tuple[int, int]], mode: str = "clamp", value: float = 0.0,
-              positions: str = "step") -> Regeneration:
+              positions: str | int = "step") -> Regeneration:
     """The single-case API: edit ``features`` ((layer, feature) pairs) with ``mode`` and regenerate from the step."""
     if mode not in MODES:
         raise ValueError(f"unknown intervention mode {mode!r}; choose from {', '.join(MODES)}")
     edits = [FeatureEdit(int(l), int(f), mode, value) for l, f in features]
+    if not edits:
+        raise ValueError("no features to edit (use regenerate() for the unedited control)")
     return regenerate(model, tokenizer, transcoders, record, step_index, edits, positions)
