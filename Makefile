@@ -24,13 +24,22 @@ $(PEER_STAMP): $(STAMP)
 	$(PY) -m pip install -q -e '.[dev,peer]'
 	touch $@
 
-test: $(PEER_STAMP)
+# the viewer page is tested in headless Chromium (Debian's package; playwright drives it)
+CHROMIUM_STAMP := $(VENV)/.crv-chromium
+$(CHROMIUM_STAMP): $(STAMP)
+	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
+	touch $@
+
+test: $(PEER_STAMP) $(CHROMIUM_STAMP)
 	$(PY) -m pytest -q
 
 benchmarks: $(PEER_STAMP)
 	$(PY) benchmarks/reasoner.py
 	$(PY) benchmarks/transcoders.py
 	$(PY) benchmarks/attribution.py
+	$(PY) benchmarks/evaluation.py
+	$(PY) benchmarks/interventions.py
+	$(PY) benchmarks/service.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

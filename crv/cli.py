@@ -315,6 +315,78 @@ def intervene_cmd(
     typer.echo("\nwrote " + ", ".join(str(f) for f in files.values()))
 
 
+@app.command("serve")
+def serve_cmd(
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (beyond loopback an API key is required)."),
+    port: int = typer.Option(8000),
+    model: Optional[Path] = typer.Option(None, help="Local Llama directory (default: the shipped reasoner)."),
+    transcoders: Optional[Path] = typer.Option(None, help="Transcoder directory (default: the shipped set)."),
+    classifier: Optional[Path] = typer.Option(None, help="Verifier (default: the shipped one)."),
+    threshold: float = typer.Option(0.5, help="p_faulty at or above which a step is flagged."),
+    max_queue: int = typer.Option(16, help="Requests that may wait for the model (429 beyond)."),
+    threads: int = typer.Option(2, help="torch threads."),
+) -> None:
+    """Serve the step-verification API and trace viewer (API key from $CRV_API_KEY)."""
+    import os
+
+    import torch
+    import uvicorn
+
+    from crv.api.app import API_KEY_ENV, ServiceSettings, check_bind, create_app
+    from crv.api.verifier import Verifier
+
+    key = os.environ.get(API_KEY_ENV) or None
+    try:
+        check_bind(host, key)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--host") from e
+    torch.set_num_threads(threads)
+    verifier = Verifier.load(model, transcoders, classifier, threshold)
+    typer.echo(f"crv serve: {verifier.att.model_id}, classifier {verifier.classifier_id}; http://{host}:{port}/ (docs at /docs)")
+    uvicorn.run(create_app(verifier, ServiceSettings(max_queue=max_queue, api_key=key)), host=host, port=port, log_level="warning")
+
+
+@app.command("verify")
+def verify_cmd(
+    data: Path = typer.Argument(..., help="JSONL records (or objects with task, question, steps)."),
+    server: str = typer.Option(..., help="URL of a running `crv serve`."),
+    out: Optional[Path] = typer.Option(None, help="Write one JSON line of verdicts per trace here (default: stdout)."),
+    include_graph: bool = typer.Option(False, help="Also return each step's pruned graph."),
+) -> None:
+    """Verify every trace of a file against a crv server (API key from $CRV_API_KEY)."""
+    import json
+    import os
+
+    from tqdm.auto import tqdm
+
+    from crv.client import Client, ServiceError
+
+    if not data.is_file():
+        raise typer.BadParameter(f"no such file: {data}")
+    lines = [l for l in data.read_text().splitlines() if l.strip()]
+    sink = open(out, "w") if out is not None else None
+    n_steps = n_flagged = 0
+    with Client(server, os.environ.get("CRV_API_KEY")) as client:
+        for i, line in enumerate(tqdm(lines, desc="verify", unit="trace", disable=sink is None)):
+            try:
+                obj = json.loads(line)
+                steps = client.verify(obj["task"], obj["question"], obj["steps"], include_graph)
+            except (ValueError, KeyError) as e:
+                raise typer.BadParameter(f"{data}:{i + 1}: not a trace ({e})") from e
+            except ServiceError as e:
+                raise typer.BadParameter(f"{data}:{i + 1}: the server refused it: {e}") from e
+            n_steps += len(steps)
+            n_flagged += sum(s["flagged"] for s in steps)
+            row = json.dumps({"problem_id": obj.get("problem_id"), "steps": steps})
+            if sink is not None:
+                sink.write(row + "\n")
+            else:
+                typer.echo(row)
+    if sink is not None:
+        sink.close()
+        typer.echo(f"{len(lines)} traces, {n_steps} steps, {n_flagged} flagged -> {out}")
+
+
 @app.command("demo")
 def demo_cmd(
     count: int = typer.Option(30, help="Arithmetic problems per n (5, 7, 10); half as many boolean n=10 problems."),
@@ -322,6 +394,7 @@ def demo_cmd(
     max_feature_nodes: int = typer.Option(512, help="Feature-node cap of the graphs (the paper's is 4096)."),
     seed: int = typer.Option(7),
     threads: int = typer.Option(2, help="torch threads."),
+    interventions: int = typer.Option(10, help="Flagged faulty steps to try interventions on (and as many correct steps for harm)."),
 ) -> None:
     """The main job on the embedded default: solve fresh problems, label steps, verify them with CRV vs baselines."""
     import torch
@@ -331,6 +404,10 @@ def demo_cmd(
     from crv.evaluate.methods import EvalConfig
     from crv.evaluate.pipeline import run_evaluation
     from crv.reasoner.generate import generate_records
+    import dataclasses
+
+    from crv.classify.model import DEFAULT_CLASSIFIER, StepClassifier
+    from crv.interventions.experiment import InterventionConfig, format_example, markdown, run_experiment, write_results
     from crv.reasoner.model import DEFAULT_REASONER_DIR
     from crv.tasks.schema import write_records
     from crv.tasks.stats import format_table, summarize_by
@@ -353,6 +430,20 @@ def demo_cmd(
     typer.echo("\nStep verification on held-out problems (percent; faulty = positive class):\n")
     typer.echo(results["markdown"])
     typer.echo("\nwrote " + ", ".join(results["files"].values()))
+
+    # interventions: the shipped verifier flags faulty steps; edit the features its graph rests on
+    clf = StepClassifier.load(DEFAULT_CLASSIFIER)
+    cap = clf.meta.get("provenance", {}).get("attribution", {}).get("max_feature_nodes", 1024)
+    iatt = dataclasses.replace(att, config=AttributionConfig(max_feature_nodes=cap))
+    arith = [r for r in records if r.task == "arith"]
+    inter = run_experiment(iatt, clf, arith, InterventionConfig(max_faulty=interventions, harm_steps=interventions))
+    files = write_results(inter, out_dir / "interventions", "crv demo " + " ".join(sys.argv[2:]))
+    typer.echo(f"\nInterventions on up to {interventions} flagged faulty arithmetic steps (percent):\n")
+    typer.echo(markdown(inter))
+    examples = inter.get("arith", {}).get("examples", [])
+    typer.echo("\n" + (f"A worked correction:\n{format_example(examples[0])}" if examples else
+                       "No flagged step was corrected in this demo run (see the rates above)."))
+    typer.echo("\nwrote " + ", ".join(str(f) for f in files.values()))
 
 
 def main() -> None:  # pragma: no cover

@@ -12,7 +12,7 @@ setting), over the whole context: question and all steps so far. All steps of a 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,9 +30,14 @@ from crv.transcoders.io import TranscoderSet, load_transcoders
 
 def trace_text(record: Record) -> tuple[str, list[int]]:
     """The trace as the model saw it, and the character offset of the newline ending each step."""
-    text = format_prompt(record.question)
+    return compose_trace(record.question, record.steps)
+
+
+def compose_trace(question: str, steps: Sequence[str]) -> tuple[str, list[int]]:
+    """The text of a question and its steps (one per line), and the offset of each step's newline."""
+    text = format_prompt(question)
     ends = []
-    for step in record.steps:
+    for step in steps:
         text += step
         ends.append(len(text))
         text += "\n"

@@ -30,7 +30,7 @@ from crv.classify.model import StepClassifier
 from crv.fingerprint.features import fingerprint
 from crv.interventions.patch import FeatureEdit
 from crv.interventions.regenerate import POSITIONS, Regeneration, regenerate
-from crv.interventions.select import LOCATE, Candidate, candidates, random_like, suspect_position
+from crv.interventions.select import LOCATE, Candidate, candidates, random_like, suggest, suspect_position
 from crv.tasks.schema import Record
 
 ARMS = ("targeted_suppress", "targeted_amplify", "random_suppress", "random_amplify")
@@ -81,14 +81,18 @@ def plan_step(att: Attributor, classifier: StepClassifier, record: Record, step_
     step, end = record.steps[step_index], ends[step_index]
     fp = fingerprint(tr.graph(pos=step_target(step, end, "last"), step_index=step_index))
     p = float(classifier.predict_proba(pd.DataFrame([fp]))[0, 1])
-    pos = suspect_position(step, end, tr.cap.logits, record.task, cfg.locate)
-    first = end - len(step)  # the first position an intervention edits (it predicts the step's first character)
-    cands = candidates(tr.graph(pos=pos, step_index=step_index), pos if cfg.positions == "suspect" else first)
-    suppress = [c for c in cands if c.effect > 0][: cfg.k]
-    amplify = [c for c in reversed(cands) if c.effect < 0][: cfg.k]
-    feats = tr.lin.features
-    in_step = (feats.pos == pos) if cfg.positions == "suspect" else (feats.pos >= first) & (feats.pos <= end)
-    active = list(zip(feats.layer[in_step].tolist(), feats.feat[in_step].tolist()))
+    if cfg.positions == "suspect":
+        sug = suggest(att, record, step_index, cfg.k, cfg.locate, trace=tr)
+        pos, suppress, amplify, active = sug.position, sug.suppress, sug.amplify, sug.active
+    else:  # candidates from every position of the step
+        pos = suspect_position(step, end, tr.cap.logits, record.task, cfg.locate)
+        first = end - len(step)  # it predicts the step's first character
+        cands = candidates(tr.graph(pos=pos, step_index=step_index), first)
+        suppress = [c for c in cands if c.effect > 0][: cfg.k]
+        amplify = [c for c in reversed(cands) if c.effect < 0][: cfg.k]
+        feats = tr.lin.features
+        in_step = (feats.pos >= first) & (feats.pos <= end)
+        active = list(zip(feats.layer[in_step].tolist(), feats.feat[in_step].tolist()))
     return StepPlan(record, step_index, p, pos, suppress, amplify, random_like(suppress, active, rng),
                     random_like(amplify, active, rng))
 

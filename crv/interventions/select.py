@@ -16,8 +16,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from crv.attribution.attributor import step_target
+from crv.attribution.attributor import Attributor, step_target, trace_text
+from crv.attribution.engine import TraceAttribution
 from crv.attribution.graph import Graph
+from crv.tasks.schema import Record
 from crv.tasks.expr import ParseError, evaluate, fmt_value, parse
 from crv.tasks.cot import STATE_SEP
 
@@ -109,3 +111,29 @@ def random_like(chosen: list[Candidate], active: list[tuple[int, int]], rng: np.
         f = options.pop(int(rng.integers(len(options))))
         out.append(Candidate(c.layer, f, float("nan")))
     return out
+
+
+@dataclass
+class Suggestion:
+    """The features an intervention on a step would edit, at the step's suspect position."""
+
+    position: int  # token index whose prediction is suspect (edits apply there)
+    suppress: list[Candidate]  # largest positive effect on the suspect prediction first
+    amplify: list[Candidate]  # most negative effect first
+    active: list[tuple[int, int]]  # every (layer, feature) active at that position (for random controls)
+
+
+def suggest(att: Attributor, record: Record, step_index: int, k: int = 3, locate: str = "uncertain",
+            trace: TraceAttribution | None = None) -> Suggestion:
+    """The top-``k`` features to suppress and to amplify at the suspect position of step ``step_index``."""
+    if not 0 <= step_index < len(record.steps):
+        raise ValueError(f"step index {step_index} out of range 0..{len(record.steps) - 1}")
+    text, ends = trace_text(record)
+    tr = trace if trace is not None else att.trace(text)
+    step, end = record.steps[step_index], ends[step_index]
+    pos = suspect_position(step, end, tr.cap.logits, record.task, locate)
+    cands = candidates(tr.graph(pos=pos, step_index=step_index), pos)
+    feats = tr.lin.features
+    at = feats.pos == pos
+    return Suggestion(pos, [c for c in cands if c.effect > 0][:k], [c for c in reversed(cands) if c.effect < 0][:k],
+                      list(zip(feats.layer[at].tolist(), feats.feat[at].tolist())))

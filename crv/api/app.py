@@ -1,0 +1,170 @@
+"""The step-verification service: FastAPI app over a loaded :class:`~crv.api.verifier.Verifier`.
+
+Endpoints: ``POST /v1/verify``, ``POST /v1/intervene``, ``GET /v1/model``, ``GET /healthz``,
+the trace viewer at ``/`` and the OpenAPI docs at ``/docs``. Model work runs one request at a
+time in a worker thread (the model is not re-entrant and the machine has 2 cores); requests
+wait in a bounded queue, and a full queue answers 429 with ``Retry-After``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
+
+from crv.api.schemas import (InterveneRequest, InterveneResponse, Problem, StepResult, TopFeature, VerifyRequest,
+                             VerifyResponse)
+from crv.api.verifier import StepFormatError, Verifier, split_text
+from crv.reasoner.tokenizer import UnknownCharacterError, unknown_chars
+
+STATIC = Path(__file__).parent / "static"
+API_KEY_ENV = "CRV_API_KEY"
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    """Limits and access of the service."""
+
+    max_body_bytes: int = 64_000  # 413 above
+    max_chars: int = 4_000  # question + steps, 413 above
+    max_steps: int = 32  # 413 above
+    max_tokens: int | None = None  # default: the model's context; 413 above
+    max_queue: int = 16  # requests waiting for the model; 429 above
+    retry_after_s: int = 1
+    api_key: str | None = None  # required on /v1/* when set
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and localhost."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(host: str, api_key: str | None) -> None:
+    """Refuse to serve beyond loopback without an API key."""
+    if not is_loopback(host) and not api_key:
+        raise ValueError(f"refusing to listen on {host} without an API key: set {API_KEY_ENV} (loopback needs none)")
+
+
+class _Queue:
+    """At most one request on the model; at most ``limit`` waiting."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.pending = limit, 0
+        self.lock = asyncio.Lock()
+
+    async def run(self, fn: Callable[[], Any], retry_after: int) -> Any:
+        if self.pending >= self.limit + 1:
+            raise HTTPException(429, f"queue full ({self.limit} requests waiting); retry later",
+                                headers={"Retry-After": str(retry_after)})
+        self.pending += 1
+        try:
+            async with self.lock:
+                return await run_in_threadpool(fn)
+        finally:
+            self.pending -= 1
+
+
+def create_app(verifier: Verifier, settings: ServiceSettings = ServiceSettings()) -> FastAPI:
+    """The service app around a loaded verifier."""
+    app = FastAPI(title="crv step verification", version="1",
+                  description="Per-step fault probabilities of a chain of thought, from its attribution graphs (CRV).",
+                  responses={413: {"model": Problem}, 422: {"model": Problem}, 429: {"model": Problem}, 401: {"model": Problem}})
+    queue = _Queue(settings.max_queue)
+    max_tokens = settings.max_tokens or verifier.att.model.config.max_position_embeddings
+
+    @app.middleware("http")
+    async def limits_and_auth(request: Request, call_next):  # type: ignore[no-untyped-def]
+        if request.url.path.startswith("/v1/") and settings.api_key:
+            given = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+            if not hmac.compare_digest(given.encode(), settings.api_key.encode()):
+                return JSONResponse({"detail": "missing or wrong API key (X-API-Key or Authorization: Bearer)"}, 401)
+        if request.method == "POST":
+            size = request.headers.get("content-length")
+            if size is not None and (not size.isdigit() or int(size) > settings.max_body_bytes):
+                return JSONResponse({"detail": f"request body over the limit of {settings.max_body_bytes} bytes"}, 413)
+            body = await request.body()
+            if len(body) > settings.max_body_bytes:
+                return JSONResponse({"detail": f"request body over the limit of {settings.max_body_bytes} bytes"}, 413)
+        return await call_next(request)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        msgs = []
+        for e in exc.errors():
+            where = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
+            msgs.append(f"{where}: {e.get('msg')}" if where else str(e.get("msg")))
+        return JSONResponse({"detail": "; ".join(msgs) or "invalid request"}, 422)
+
+    def check_size(question: str, steps: list[str]) -> None:
+        if len(steps) > settings.max_steps:
+            raise HTTPException(413, f"{len(steps)} steps: over the limit of {settings.max_steps} steps")
+        chars = len(question) + sum(len(s) for s in steps)
+        if chars > settings.max_chars:
+            raise HTTPException(413, f"{chars} characters: over the limit of {settings.max_chars} characters")
+        tokens = verifier.n_tokens(question, steps)
+        if tokens > max_tokens:
+            raise HTTPException(413, f"{tokens} tokens: over the limit of {max_tokens} tokens")
+        bad = unknown_chars(verifier.att.tokenizer, question + "".join(steps))
+        if bad:
+            raise HTTPException(422, str(UnknownCharacterError(bad)))
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        return {"status": "ok", "queue": queue.pending}
+
+    @app.get("/v1/model")
+    async def model_info() -> dict:
+        return {**verifier.info(), "limits": {"max_body_bytes": settings.max_body_bytes, "max_chars": settings.max_chars,
+                                              "max_steps": settings.max_steps, "max_tokens": max_tokens,
+                                              "max_queue": settings.max_queue}}
+
+    @app.post("/v1/verify", response_model=VerifyResponse)
+    async def verify(req: VerifyRequest) -> VerifyResponse:
+        steps = req.steps if req.steps is not None else split_text(req.text or "")
+        if not steps:
+            raise HTTPException(422, "no steps to verify")
+        check_size(req.question, steps)
+        start = time.perf_counter()
+        try:
+            verdicts = await queue.run(lambda: verifier.verify(req.task, req.question, steps, req.include_graph),
+                                       settings.retry_after_s)
+        except (StepFormatError, UnknownCharacterError) as e:
+            raise HTTPException(422, str(e)) from e
+        out = [StepResult(index=v.index, text=v.text, p_faulty=v.p_faulty, flagged=v.flagged, threshold=v.threshold,
+                          top_features=[TopFeature(layer=l, position=p, feature=f, influence=i) for l, p, f, i in v.top_features],
+                          fingerprint=v.fingerprint, graph=v.graph) for v in verdicts]
+        return VerifyResponse(steps=out, model=verifier.att.model_id, classifier=verifier.classifier_id,
+                              elapsed_ms=1000 * (time.perf_counter() - start))
+
+    @app.post("/v1/intervene", response_model=InterveneResponse)
+    async def intervene(req: InterveneRequest) -> InterveneResponse:
+        from crv.api.intervene import run_intervention
+
+        check_size(req.question, req.steps)
+        try:
+            return await queue.run(lambda: run_intervention(verifier, req), settings.retry_after_s)
+        except (StepFormatError, UnknownCharacterError, ValueError) as e:
+            raise HTTPException(422, str(e)) from e
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app

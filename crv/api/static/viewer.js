@@ -1,0 +1,131 @@
+// crv trace viewer: verify a trace, colour steps by p_faulty, draw a step's pruned attribution graph (plain SVG).
+"use strict";
+const $ = (id) => document.getElementById(id);
+const EXAMPLES = [
+  { name: "arith: the reasoner's own mistake (42-2=30)", task: "arith", question: "(6*(3+4))-2",
+    steps: ["3+4=7 => (6*7)-2", "6*7=42 => 42-2", "42-2=30 => 30"] },
+  { name: "arith: the same, corrected", task: "arith", question: "(6*(3+4))-2",
+    steps: ["3+4=7 => (6*7)-2", "6*7=42 => 42-2", "42-2=40 => 40"] },
+  { name: "bool: correct", task: "bool", question: "(True and False) or (not False)",
+    steps: ["True and False=False => False or (not False)", "not False=True => False or True", "False or True=True => True"] },
+];
+let last = null;
+
+function headers() {
+  const h = { "Content-Type": "application/json" };
+  const key = $("apikey").value.trim();
+  if (key) h["X-API-Key"] = key;
+  return h;
+}
+
+function colour(p) {  // green (0) -> red (1)
+  const r = Math.round(255 * Math.min(1, 2 * p)), g = Math.round(255 * Math.min(1, 2 * (1 - p)));
+  return `rgba(${r}, ${g}, 80, 0.35)`;
+}
+
+async function post(path, body) {
+  const res = await fetch(path, { method: "POST", headers: headers(), body: JSON.stringify(body) });
+  const data = await res.json();
+  if (!res.ok) throw new Error(`${res.status}: ${data.detail}`);
+  return data;
+}
+
+async function verify() {
+  const steps = $("steps").value.split("\n").map((s) => s.trim()).filter((s) => s);
+  const body = { task: $("task").value, question: $("question").value.trim(), steps, include_graph: true };
+  $("status").textContent = "verifying…";
+  try {
+    last = { request: body, response: await post("/v1/verify", body) };
+    $("status").textContent = `${steps.length} steps in ${last.response.elapsed_ms.toFixed(0)} ms`;
+    showSteps();
+  } catch (e) { $("status").textContent = e.message; }
+}
+
+function showSteps() {
+  const list = $("steplist");
+  list.innerHTML = "";
+  last.response.steps.forEach((s) => {
+    const li = document.createElement("li");
+    li.dataset.index = s.index;
+    li.dataset.pFaulty = s.p_faulty.toFixed(4);
+    li.className = s.flagged ? "step flagged" : "step";
+    li.style.background = colour(s.p_faulty);
+    li.textContent = `${s.text}    p_faulty ${s.p_faulty.toFixed(2)}${s.flagged ? "  ⚑ flagged" : ""}`;
+    li.addEventListener("click", () => showStep(s.index));
+    list.appendChild(li);
+  });
+}
+
+function showStep(i) {
+  const s = last.response.steps[i];
+  document.querySelectorAll("#steplist li").forEach((li) => li.classList.toggle("selected", +li.dataset.index === i));
+  $("detail").hidden = false;
+  $("detail-title").textContent = `Step ${i}: ${s.text}`;
+  const rows = s.top_features.map((f) => `<tr><td>${f.layer}</td><td>${f.position}</td><td>${f.feature}</td><td>${f.influence.toFixed(4)}</td></tr>`);
+  $("top-features").innerHTML = `<table><tr><th>layer</th><th>position</th><th>feature</th><th>influence</th></tr>${rows.join("")}</table>`;
+  drawGraph(s.graph);
+  $("intervene").dataset.index = i;
+  $("intervene-out").textContent = "";
+}
+
+function drawGraph(g) {
+  const svg = $("graph");
+  svg.innerHTML = "";
+  if (!g) return;
+  const W = svg.clientWidth || 900, H = svg.clientHeight || 360, pad = 24;
+  const rows = g.n_layers + 2;  // tokens, layers..., logits
+  const row = (n) => (n.kind === "token" ? 0 : n.kind === "logit" ? rows - 1 : n.layer + 1);
+  const x = (n) => pad + (W - 2 * pad) * (n.position + 0.5) / g.n_positions;
+  const y = (n) => H - pad - (H - 2 * pad) * row(n) / (rows - 1);
+  const ns = "http://www.w3.org/2000/svg";
+  const maxW = Math.max(1e-9, ...g.edges.map((e) => Math.abs(e.weight)));
+  g.edges.forEach((e) => {
+    const a = g.nodes[e.source], b = g.nodes[e.target], line = document.createElementNS(ns, "line");
+    line.setAttribute("x1", x(a)); line.setAttribute("y1", y(a)); line.setAttribute("x2", x(b)); line.setAttribute("y2", y(b));
+    line.setAttribute("stroke", e.weight >= 0 ? "#2e86c1" : "#c0392b");
+    line.setAttribute("stroke-opacity", 0.15 + 0.85 * Math.abs(e.weight) / maxW);
+    svg.appendChild(line);
+  });
+  const fill = { feature: "#243447", error: "#aaa", token: "#27ae60", logit: "#e67e22" };
+  g.nodes.forEach((n) => {
+    const c = document.createElementNS(ns, "circle");
+    c.setAttribute("cx", x(n)); c.setAttribute("cy", y(n)); c.setAttribute("r", n.kind === "feature" ? 4 : 3);
+    c.setAttribute("fill", fill[n.kind]);
+    c.setAttribute("class", `node ${n.kind}`);
+    const t = document.createElementNS(ns, "title");
+    t.textContent = n.kind === "feature" ? `L${n.layer} pos ${n.position} f${n.feature} act ${n.activation.toFixed(3)}`
+      : `${n.kind} ${n.text !== undefined ? JSON.stringify(n.text) : ""} pos ${n.position}`;
+    c.appendChild(t);
+    svg.appendChild(c);
+  });
+}
+
+async function tryIntervention() {
+  const i = +$("intervene").dataset.index;
+  const body = { task: last.request.task, question: last.request.question, steps: last.request.steps.slice(0, i + 1),
+                 step_index: i, features: "auto", mode: "clamp" };
+  $("intervene-out").textContent = "regenerating…";
+  try {
+    const r = await post("/v1/intervene", body);
+    $("intervene-out").textContent = `edited ${JSON.stringify(r.features)} at position ${r.position}\n` +
+      `before: ${r.before}\nafter:  ${r.after}\nstep ${r.step_correct ? "correct" : "still wrong"}; ` +
+      `final answer ${r.final_answer} (${r.solved ? "right" : "wrong"})\n\n${r.continuation}`;
+  } catch (e) { $("intervene-out").textContent = e.message; }
+}
+
+function load(i) {
+  const ex = EXAMPLES[i];
+  $("task").value = ex.task; $("question").value = ex.question; $("steps").value = ex.steps.join("\n");
+}
+
+window.addEventListener("DOMContentLoaded", async () => {
+  EXAMPLES.forEach((ex, i) => { const o = document.createElement("option"); o.value = i; o.textContent = ex.name; $("examples").appendChild(o); });
+  $("examples").addEventListener("change", (e) => load(+e.target.value));
+  load(0);
+  $("verify").addEventListener("click", verify);
+  $("intervene").addEventListener("click", tryIntervention);
+  try {
+    const r = await fetch("/v1/model", { headers: headers() });
+    if (r.ok) { const m = await r.json(); $("model").textContent = `${m.model} · transcoders ${m.transcoders} · ${m.classifier}`; }
+  } catch (e) { /* the page still works without it */ }
+});

@@ -1,0 +1,140 @@
+"""The online step verifier: one forward pass per request, a graph, fingerprint and verdict per step.
+
+This is what ``crv serve`` wraps; it is usable on its own::
+
+    v = Verifier.load()                                     # shipped reasoner, transcoders, verifier
+    for s in v.verify("arith", "(3+4)*2", ["3+4=7 => 7*2", "7*2=15 => 15"]):
+        print(s.index, s.p_faulty, s.flagged)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from crv.attribution.attributor import Attributor, compose_trace, step_target
+from crv.attribution.engine import AttributionConfig
+from crv.attribution.graph import Graph
+from crv.attribution.prune import Pruned, prune
+from crv.classify.model import DEFAULT_CLASSIFIER, StepClassifier
+from crv.fingerprint.features import fingerprint_summary
+from crv.fingerprint.summary import summarize
+from crv.tasks.cot import ANSWER_PREFIX
+
+
+class StepFormatError(ValueError):
+    """A request's steps cannot be verified as given (empty, multi-line, ...)."""
+
+
+@dataclass
+class StepVerdict:
+    """The verdict on one step."""
+
+    index: int
+    text: str
+    p_faulty: float
+    flagged: bool
+    threshold: float
+    top_features: list[tuple[int, int, int, float]]  # (layer, position, feature, influence), most influential first
+    fingerprint: dict[str, float]
+    graph: dict | None = field(default=None)  # the pruned graph as nodes / edges (on request)
+
+
+def split_text(text: str) -> list[str]:
+    """Steps of a free-text CoT: one per non-empty line, the final ``Answer:`` line left out."""
+    return [line for line in (l.strip() for l in text.split("\n")) if line and not line.startswith(ANSWER_PREFIX.strip())]
+
+
+def _file_checksum(*paths: Path) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def graph_json(graph: Graph, pruned: Pruned, decode) -> dict:  # type: ignore[no-untyped-def]
+    """The pruned graph as plain JSON: nodes (kind, layer, position, feature / token, activation, influence) and edges."""
+    keep = pruned.node_mask.nonzero(as_tuple=True)[0].tolist()
+    table = graph.node_table()
+    index = {old: new for new, old in enumerate(keep)}
+    nodes = []
+    for old in keep:
+        row = dict(table[old])
+        if "token" in row:
+            row["text"] = decode([row["token"]])
+        row["influence"] = float(pruned.node_influence[old])
+        nodes.append(row)
+    dst, src = pruned.edge_mask.nonzero(as_tuple=True)
+    edges = [{"source": index[s], "target": index[d], "weight": float(graph.adjacency[d, s])}
+             for s, d in zip(src.tolist(), dst.tolist()) if s in index and d in index]
+    return {"n_layers": graph.n_layers, "n_positions": graph.n_pos, "nodes": nodes, "edges": edges}
+
+
+class Verifier:
+    """An attributor (model + transcoders + settings) and a trained step classifier."""
+
+    def __init__(self, att: Attributor, classifier: StepClassifier, threshold: float = 0.5, target: str = "last",
+                 top_k: int = 10, classifier_id: str = "") -> None:
+        self.att, self.classifier, self.threshold, self.target, self.top_k = att, classifier, threshold, target, top_k
+        self.classifier_id = classifier_id
+
+    @classmethod
+    def load(cls, model_dir: str | Path | None = None, transcoder_dir: str | Path | None = None,
+             classifier: str | Path | None = None, threshold: float = 0.5) -> "Verifier":
+        """Load everything once; the graph settings are the ones the classifier was trained with."""
+        path = Path(classifier) if classifier is not None else DEFAULT_CLASSIFIER
+        clf = StepClassifier.load(path)
+        prov = clf.meta.get("provenance", {}).get("attribution", {})
+        att = Attributor.load(model_dir, transcoder_dir, AttributionConfig(max_feature_nodes=prov.get("max_feature_nodes", 1024)))
+        cid = _file_checksum(path.with_name(path.name + ".xgb.json"), path.with_name(path.name + ".meta.json"))
+        return cls(att, clf, threshold, prov.get("step_target", "last"), classifier_id=f"{path.name}@{cid}")
+
+    def info(self) -> dict:
+        """Versions and checksums of what answers."""
+        from importlib.metadata import version
+
+        return {
+            "crv": version("crv"), "model": self.att.model_id, "transcoders": self.att.transcoders.checksum(),
+            "classifier": self.classifier_id, "threshold": self.threshold, "step_target": self.target,
+            "attribution": dataclasses.asdict(self.att.config),
+            "trained_on": self.classifier.meta.get("provenance", {}).get("tasks"),
+        }
+
+    def n_tokens(self, question: str, steps: Sequence[str]) -> int:
+        """Tokens of the trace (BOS included), as the model reads it."""
+        return len(compose_trace(question, steps)[0]) + 1
+
+    @torch.no_grad()
+    def verify(self, task: str, question: str, steps: Sequence[str], include_graph: bool = False) -> list[StepVerdict]:
+        """Verdicts for every step; all share one forward pass and one row cache."""
+        if not steps:
+            raise StepFormatError("no steps to verify")
+        for i, s in enumerate(steps):
+            if not s.strip():
+                raise StepFormatError(f"step {i} is empty")
+            if "\n" in s:
+                raise StepFormatError(f"step {i} contains a newline (send one step per list item)")
+        text, ends = compose_trace(question, steps)
+        tr = self.att.trace(text, {"task": task})
+        out, rows = [], []
+        for k, end in enumerate(ends):
+            graph = tr.graph(pos=step_target(steps[k], end, self.target, tr.cap.logits), step_index=k)
+            pr = prune(graph)
+            fp = fingerprint_summary(summarize(graph, pr))
+            rows.append(fp)
+            sel = graph.active_features[graph.selected_features].tolist()
+            infl = pr.node_influence[: graph.n_features]
+            order = torch.argsort(infl, descending=True)[: self.top_k].tolist()
+            top = [(int(sel[i][0]), int(sel[i][1]), int(sel[i][2]), float(infl[i])) for i in order]
+            g = graph_json(graph, pr, self.att.tokenizer.decode) if include_graph else None
+            out.append(StepVerdict(k, steps[k], 0.0, False, self.threshold, top, fp, g))
+        p = self.classifier.predict_proba(pd.DataFrame(rows))[:, 1]
+        for v, pk in zip(out, p):
+            v.p_faulty, v.flagged = float(pk), bool(pk >= self.threshold)
+        return out

@@ -1,0 +1,220 @@
+"""The step-verification service: answers, limits, auth, the queue, fuzzing, the client and the CLI."""
+
+import json
+import threading
+
+import pytest
+from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from crv.api.app import ServiceSettings, check_bind, create_app
+from crv.attribution.attributor import compose_trace, step_target
+from crv.cli import app as cli
+from crv.fingerprint.features import fingerprint
+
+# the shipped reasoner's own mistake (42-2 is 40) from the evaluation benchmark's records
+FAULTY = {"task": "arith", "question": "(6*(3+4))-2", "steps": ["3+4=7 => (6*7)-2", "6*7=42 => 42-2", "42-2=30 => 30"]}
+
+
+def test_verify_answers_per_step(verifier):
+    client = TestClient(create_app(verifier))
+    r = client.post("/v1/verify", json={**FAULTY, "include_graph": True})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    steps = body["steps"]
+    assert [s["index"] for s in steps] == [0, 1, 2] and [s["text"] for s in steps] == FAULTY["steps"]
+    for s in steps:
+        assert 0.0 <= s["p_faulty"] <= 1.0 and s["flagged"] == (s["p_faulty"] >= s["threshold"])
+        assert set(s["fingerprint"]) == set(verifier.classifier.feature_names)
+        infl = [f["influence"] for f in s["top_features"]]
+        assert infl == sorted(infl, reverse=True) and len(infl) == 10
+        g = s["graph"]
+        assert all(0 <= e["source"] < len(g["nodes"]) and 0 <= e["target"] < len(g["nodes"]) for e in g["edges"])
+        assert {n["kind"] for n in g["nodes"]} >= {"token", "logit", "feature"}
+    # the same fingerprint as the offline pipeline computes for that step
+    text, ends = compose_trace(FAULTY["question"], FAULTY["steps"])
+    tr = verifier.att.trace(text)
+    offline = fingerprint(tr.graph(pos=step_target(FAULTY["steps"][2], ends[2], "last")))
+    assert steps[2]["fingerprint"] == pytest.approx(offline, rel=1e-6, abs=1e-9)
+    # free text gives the same verdicts as the list of steps
+    r2 = client.post("/v1/verify", json={"task": "arith", "question": FAULTY["question"],
+                                         "text": "\n".join(FAULTY["steps"]) + "\nA: 30\n"})
+    assert [s["p_faulty"] for s in r2.json()["steps"]] == pytest.approx([s["p_faulty"] for s in steps])
+    info = client.get("/v1/model").json()
+    assert info["model"] == verifier.att.model_id and info["transcoders"] and info["classifier"]
+    assert client.get("/healthz").json()["status"] == "ok"
+    assert client.get("/openapi.json").status_code == 200 and client.get("/docs").status_code == 200
+
+
+@pytest.mark.parametrize("body,status,words", [
+    ({**FAULTY, "steps": ["1+1=2 => 2"] * 40}, 413, "40 steps"),
+    ({**FAULTY, "question": "1+" * 3000 + "1"}, 413, "characters"),
+    ({**FAULTY, "steps": ["3+4=7 € 7"]}, 422, "'€'"),
+    ({**FAULTY, "question": "(3+4)×2"}, 422, "'×'"),
+    ({**FAULTY, "text": "3+4=7 => 7"}, 422, "exactly one"),
+    ({**FAULTY, "steps": []}, 422, "no steps"),
+    ({**FAULTY, "steps": ["   "]}, 422, "empty"),
+    ({**FAULTY, "steps": ["3+4=7\n => 7"]}, 422, "newline"),
+    ({**FAULTY, "steps": "3+4=7 => 7"}, 422, "steps"),
+    ({**FAULTY, "task": "chess"}, 422, "task"),
+    ({**FAULTY, "extra": 1}, 422, "extra"),
+    ({"task": "arith"}, 422, "question"),
+])
+def test_bad_requests_are_refused_with_the_reason(verifier, body, status, words):
+    r = TestClient(create_app(verifier)).post("/v1/verify", json=body)
+    assert r.status_code == status, r.text
+    assert words in r.json()["detail"]
+
+
+def test_malformed_and_huge_bodies(verifier):
+    client = TestClient(create_app(verifier, ServiceSettings(max_body_bytes=2_000)))
+    r = client.post("/v1/verify", content=b"{not json", headers={"Content-Type": "application/json"})
+    assert r.status_code == 422
+    r = client.post("/v1/verify", content=b"x" * 5_000, headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and "2000 bytes" in r.json()["detail"]
+    r = client.post("/v1/verify", json=[1, 2, 3])
+    assert r.status_code == 422
+
+
+def test_auth(verifier):
+    client = TestClient(create_app(verifier, ServiceSettings(api_key="s3cret")))
+    assert client.post("/v1/verify", json=FAULTY).status_code == 401
+    assert client.post("/v1/verify", json=FAULTY, headers={"X-API-Key": "wrong"}).status_code == 401
+    assert client.get("/v1/model").status_code == 401
+    assert client.get("/v1/model", headers={"X-API-Key": "s3cret"}).status_code == 200
+    assert client.post("/v1/verify", json=FAULTY, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    assert client.get("/healthz").status_code == 200
+    check_bind("127.0.0.1", None)
+    check_bind("::1", None)
+    check_bind("0.0.0.0", "key")
+    with pytest.raises(ValueError, match="CRV_API_KEY"):
+        check_bind("0.0.0.0", None)
+    r = CliRunner().invoke(cli, ["serve", "--host", "0.0.0.0"], env={"CRV_API_KEY": ""})
+    assert r.exit_code != 0 and "without an API key" in r.output
+
+
+def test_full_queue_answers_429(verifier):
+    release = threading.Event()
+    entered = threading.Event()
+
+    class Slow:
+        att, classifier, classifier_id = verifier.att, verifier.classifier, verifier.classifier_id
+
+        def n_tokens(self, q, s):
+            return verifier.n_tokens(q, s)
+
+        def verify(self, *a, **k):
+            entered.set()
+            release.wait(30)
+            return verifier.verify(*a, **k)
+
+    client = TestClient(create_app(Slow(), ServiceSettings(max_queue=0, retry_after_s=2)))  # type: ignore[arg-type]
+    first: dict = {}
+    t = threading.Thread(target=lambda: first.update(r=client.post("/v1/verify", json=FAULTY)))
+    t.start()
+    assert entered.wait(30)
+    r = client.post("/v1/verify", json=FAULTY)
+    assert r.status_code == 429 and r.headers["Retry-After"] == "2"
+    release.set()
+    t.join(60)
+    assert first["r"].status_code == 200
+
+
+def test_intervene_endpoint(verifier):
+    client = TestClient(create_app(verifier))
+    r = client.post("/v1/intervene", json={**FAULTY, "step_index": 2, "features": "auto", "mode": "clamp"})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["before"] == FAULTY["steps"][2] and 1 <= len(out["features"]) <= 3 and isinstance(out["position"], int)
+    assert out["steps"][:2] == FAULTY["steps"][:2] and len(out["labels"]) == len(out["steps"])
+    r = client.post("/v1/intervene", json={**FAULTY, "step_index": 1, "features": [[0, 5], [2, 9]], "mode": "scale", "value": 2})
+    assert r.status_code == 200 and r.json()["features"] == [[0, 5], [2, 9]]
+    r = client.post("/v1/intervene", json={**FAULTY, "step_index": 5})
+    assert r.status_code == 422 and "out of range" in r.json()["detail"]
+    r = client.post("/v1/intervene", json={**FAULTY, "step_index": 0, "features": [[99, 1]]})
+    assert r.status_code == 422 and "layer 99" in r.json()["detail"]
+    r = client.post("/v1/intervene", json={**FAULTY, "question": "((", "step_index": 0})
+    assert r.status_code == 422 and "not a valid arith question" in r.json()["detail"]
+
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+                           lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4), max_leaves=10)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=st.one_of(
+    json_values,
+    st.fixed_dictionaries({"task": st.sampled_from(["arith", "bool", "x"]), "question": st.text(max_size=30),
+                           "steps": st.lists(st.text(max_size=25), max_size=4)},
+                          optional={"include_graph": st.booleans(), "text": st.text(max_size=20)}),
+))
+def test_fuzzed_requests_never_give_a_server_error(verifier_app, body):
+    r = verifier_app.post("/v1/verify", json=body)
+    assert r.status_code in (200, 413, 422), (body, r.status_code, r.text)
+    assert "detail" in r.json() or "steps" in r.json()
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=st.fixed_dictionaries({"task": st.sampled_from(["arith", "bool"]), "question": st.text("0123456789+-*() ", min_size=1, max_size=12),
+                                   "steps": st.lists(st.text("0123456789+-*()=> ", min_size=1, max_size=16), min_size=1, max_size=3),
+                                   "step_index": st.integers(-1, 4)},
+                                  optional={"features": st.one_of(st.just("auto"), st.lists(st.tuples(st.integers(-2, 5), st.integers(-1, 3000)), max_size=3)),
+                                            "mode": st.sampled_from(["clamp", "scale", "set", "nope"])}))
+def test_fuzzed_interventions_never_give_a_server_error(verifier_app, body):
+    r = verifier_app.post("/v1/intervene", json=body)
+    assert r.status_code in (200, 413, 422), (body, r.status_code, r.text)
+
+
+def test_client_and_verify_cli_against_a_real_server(live_server, tmp_path):
+    from crv.client import Client, ServiceError
+
+    url = live_server.url
+    with Client(url) as c:
+        steps = c.verify(FAULTY["task"], FAULTY["question"], FAULTY["steps"])
+        assert len(steps) == 3 and all("p_faulty" in s for s in steps)
+        assert c.model()["model"]
+        with pytest.raises(ServiceError, match="422"):
+            c.verify("arith", "1+1", ["1+1=2 € 2"])
+    data = tmp_path / "traces.jsonl"
+    data.write_text(json.dumps({**FAULTY, "problem_id": "p0"}) + "\n" + json.dumps({**FAULTY, "problem_id": "p1"}) + "\n")
+    out = tmp_path / "verdicts.jsonl"
+    r = CliRunner().invoke(cli, ["verify", str(data), "--server", url, "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(l) for l in out.read_text().splitlines()]
+    assert [row["problem_id"] for row in rows] == ["p0", "p1"]
+    assert [s["p_faulty"] for s in rows[0]["steps"]] == pytest.approx([s["p_faulty"] for s in steps])
+    assert "2 traces, 6 steps" in r.output
+
+
+def test_viewer_page_in_headless_chromium(live_server):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    import shutil
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "Debian's chromium is needed for the browser test (make test installs it)"
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--headless=new"])
+        try:
+            page = browser.new_page()
+            page.goto(live_server.url + "/")
+            page.wait_for_selector("#examples option", state="attached")
+            page.click("#verify")
+            page.wait_for_selector("#steplist li.step", timeout=60_000)
+            items = page.query_selector_all("#steplist li.step")
+            assert len(items) == 3
+            p_faulty = [float(li.get_attribute("data-p-faulty")) for li in items]
+            flagged = ["flagged" in li.get_attribute("class") for li in items]
+            # the page highlights exactly the steps the service flags, coloured by p_faulty
+            direct = TestClient(create_app(live_server.verifier)).post("/v1/verify", json=FAULTY).json()["steps"]
+            assert p_faulty == pytest.approx([s["p_faulty"] for s in direct], abs=1e-4)
+            assert flagged == [s["flagged"] for s in direct]
+            assert flagged == [False, False, True], "the faulty step (42-2=30) is the one highlighted"
+            items[2].click()
+            page.wait_for_selector("#graph circle.node.feature")
+            assert page.locator("#graph line").count() > 0
+            page.click("#intervene")
+            page.wait_for_function("document.getElementById('intervene-out').textContent.includes('before:')", timeout=60_000)
+        finally:
+            browser.close()
