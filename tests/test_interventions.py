@@ -146,6 +146,8 @@ def test_experiment_table_with_controls(att, tmp_path):
     for key in ("targeted_fix_rate", "random_fix_rate"):
         assert 0.0 <= a[key] <= 1.0
     assert set(a["arms"]) == {"targeted_suppress", "targeted_amplify", "random_suppress", "random_amplify"}
+    assert a["harm_steps_flagged"] <= a["harm_steps"]  # threshold 0: every correct step is flagged
+    assert a["harm_steps_flagged"] == a["harm_steps"]
     files = write_results(res, tmp_path, "test")
     out = json.loads(files["json"].read_text())
     assert len(out["rows"]["arith"]["faulty"]) == n_faulty

@@ -159,7 +159,7 @@ def run_experiment(att: Attributor, classifier: StepClassifier, records: Sequenc
             plan = plan_step(att, classifier, r, k, config, rng)
             runs = run_arms(att, plan, config, arms=ARMS[:2])
             harm_rows.append({"problem_id": r.problem_id, "step_index": k, "p_faulty": plan.p_faulty,
-                              "reproduced": runs["none"].solved,
+                              "flagged": plan.p_faulty >= config.threshold, "reproduced": runs["none"].solved,
                               **{f"{a}.solved": runs[a].solved for a in ARMS[:2] if a in runs}})
         out[task] = summarize(faulty, rows, harm_rows)
         out[task]["examples"] = examples
@@ -176,14 +176,18 @@ def summarize(faulty: list, rows: list[dict], harm_rows: list[dict]) -> dict:
     any_of = lambda rs, arms: _rate([any(bool(r.get(f"{a}.solved", False)) for a in arms) for r in rs])  # noqa: E731
     harm_ok = [r for r in harm_rows if r["reproduced"]]
     harm = {a: _rate([not r.get(f"{a}.solved", True) for r in harm_ok]) for a in ARMS[:2]}
+    broken = lambda rs: _rate([not all(bool(r.get(f"{a}.solved", True)) for a in ARMS[:2]) for r in rs])  # noqa: E731
+    flagged_ok = [r for r in harm_ok if r["flagged"]]
     return {
         "faulty_steps": len(faulty),
         "flagged_faulty": len(rows),
         "reproduced": len(rep),
         "targeted_fix_rate": any_of(rep, ARMS[:2]),
         "random_fix_rate": any_of(rep, ARMS[2:]),
-        "harm_rate": _rate([not all(bool(r.get(f"{a}.solved", True)) for a in ARMS[:2]) for r in harm_ok]),
+        "harm_rate": broken(harm_ok),
         "harm_steps": len(harm_ok),
+        "harm_rate_flagged": broken(flagged_ok),  # on the correct steps the verifier flags (false alarms)
+        "harm_steps_flagged": len(flagged_ok),
         "arms": per_arm,
         "harm_by_arm": harm,
     }
@@ -196,12 +200,13 @@ def _pct(v: float | None) -> str:
 def markdown(results: dict) -> str:
     """The experiment's table (percent)."""
     tasks = [t for t in results if isinstance(results[t], dict) and "arms" in results[t]]
-    lines = ["| task | flagged faulty | reproduced | targeted fix (answer) | random fix (answer) | harm on correct steps |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| task | flagged faulty | reproduced | targeted fix (answer) | random fix (answer) | harm on correct steps | harm on flagged correct steps |",
+             "|---|---|---|---|---|---|---|"]
     for t in tasks:
         r = results[t]
         lines.append(f"| {t} | {r['flagged_faulty']} of {r['faulty_steps']} | {r['reproduced']} | {_pct(r['targeted_fix_rate'])} | "
-                     f"{_pct(r['random_fix_rate'])} | {_pct(r['harm_rate'])} (n={r['harm_steps']}) |")
+                     f"{_pct(r['random_fix_rate'])} | {_pct(r['harm_rate'])} (n={r['harm_steps']}) | "
+                     f"{_pct(r['harm_rate_flagged'])} (n={r['harm_steps_flagged']}) |")
     lines += ["", "| task | arm | step fixed | answer fixed |", "|---|---|---|---|"]
     for t in tasks:
         for arm, v in results[t]["arms"].items():

@@ -4,8 +4,9 @@ The *suspect position* of a step is where the prediction went wrong: by default 
 where the model was least sure of the step's next character (``locate="uncertain"``, needs no
 labels, so it is what a deployed verifier can do); ``locate="oracle"`` uses the labeller's
 first wrong character of a miscomputed result (an upper bound). The graph at that position is
-read for the signed total effect of every feature node on the emitted token's logit
-(sum over all paths of the products of edge weights). Features are aggregated per
+read for the signed total effect of every feature node (sum over all paths of the products of
+edge weights) on the emitted token's margin over the runner-up token: the features that make
+the model write its (suspect) choice rather than its second choice. Features are aggregated per
 (layer, feature) over the positions an intervention can edit (the step's own).
 """
 
@@ -76,11 +77,12 @@ def logit_effects(graph: Graph, logit: int = 0, max_depth: int = 64) -> torch.Te
     return total
 
 
-def candidates(graph: Graph, first_position: int, token: int | None = None) -> list[Candidate]:
-    """Every (layer, feature) of the graph active at positions >= ``first_position``, by effect on ``token``'s logit.
+def candidates(graph: Graph, first_position: int, token: int | None = None, contrast: bool = True) -> list[Candidate]:
+    """Every (layer, feature) of the graph active at positions >= ``first_position``, by effect on the prediction.
 
-    ``token`` defaults to the graph's top logit (the emitted token under greedy decoding).
-    Sorted from the most positive effect (drives the prediction) to the most negative.
+    The prediction is ``token``'s logit (default: the graph's top logit, the emitted token under
+    greedy decoding); with ``contrast`` its margin over the runner-up logit (what decides which of
+    the two is written). Sorted from the most positive effect (drives the prediction) to the most negative.
     """
     logit = 0
     if token is not None:
@@ -88,7 +90,11 @@ def candidates(graph: Graph, first_position: int, token: int | None = None) -> l
         if len(hits) == 0:
             raise ValueError(f"token {token} is not among the graph's logit nodes")
         logit = int(hits[0])
-    effects = logit_effects(graph, logit)[: graph.n_features]
+    effects = logit_effects(graph, logit)
+    if contrast and graph.n_logits > 1:
+        runner_up = 1 if logit == 0 else 0
+        effects = effects - logit_effects(graph, runner_up)
+    effects = effects[: graph.n_features]
     sel = graph.active_features[graph.selected_features]
     agg: dict[tuple[int, int], float] = {}
     for (layer, pos, feat), e in zip(sel.tolist(), effects.tolist()):

@@ -1,0 +1,187 @@
+"""Latency, throughput and memory of `crv serve` on this machine (a real server on 127.0.0.1).
+
+    python benchmarks/service.py
+
+Starts `crv serve` (shipped model, transcoders and verifier; 2 torch threads) in a subprocess,
+then, all bounded in count and time:
+
+1. latency: single requests, one at a time, of 5-step arithmetic traces written by the reasoner
+   (n = 5) -> p50 / p95 / p99 of the request latency divided by its steps;
+2. throughput: 1, 8 and 32 concurrent clients sending those traces -> verified steps per second
+   (errors = any answer other than 200 after the client's Retry-After retries);
+3. memory: the server's RSS after a warm-up and after 2,000 more small requests (valid ones and
+   malformed ones) -> relative growth.
+
+Writes benchmarks/results/service.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from crv.reasoner.generate import generate_records
+from crv.reasoner.model import load_reasoner
+from crv.tasks.cot import generate_problems
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def five_step_traces(count: int, seed: int) -> list[dict]:
+    model, tok = load_reasoner()
+    recs = generate_records(model, tok, generate_problems("arith", 5, count * 3, seed=seed), progress=False)
+    traces = [{"task": "arith", "question": r.question, "steps": r.steps} for r in recs if len(r.steps) == 5]
+    if len(traces) < count:
+        raise RuntimeError(f"only {len(traces)} complete 5-step traces")
+    return traces[:count]
+
+
+def post(client: httpx.Client, body: dict, retries: int = 20) -> httpx.Response:
+    for _ in range(retries):
+        r = client.post("/v1/verify", json=body)
+        if r.status_code != 429:
+            return r
+        time.sleep(float(r.headers.get("Retry-After", "1")))
+    return r
+
+
+def throughput(url: str, traces: list[dict], clients: int, seconds: float, max_requests: int) -> tuple[float, int, int]:
+    """Steps/s with ``clients`` concurrent clients for about ``seconds`` (at most ``max_requests`` requests)."""
+    lock = threading.Lock()
+    state = {"sent": 0, "steps": 0, "errors": 0}
+    deadline = time.perf_counter() + seconds
+
+    def worker(i: int) -> None:
+        with httpx.Client(base_url=url, timeout=600) as c:
+            k = i
+            while time.perf_counter() < deadline:
+                with lock:
+                    if state["sent"] >= max_requests:
+                        return
+                    state["sent"] += 1
+                body = traces[k % len(traces)]
+                k += clients
+                r = post(c, body)
+                with lock:
+                    if r.status_code == 200:
+                        state["steps"] += len(body["steps"])
+                    else:
+                        state["errors"] += 1
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    return state["steps"] / wall, state["errors"], state["sent"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--latency-requests", type=int, default=40)
+    ap.add_argument("--seconds", type=float, default=60, help="per throughput level")
+    ap.add_argument("--max-requests", type=int, default=400, help="per throughput level")
+    ap.add_argument("--soak-requests", type=int, default=2000)
+    ap.add_argument("--max-queue", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=31)
+    args = ap.parse_args()
+    command = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/service.py", *sys.argv[1:]])
+
+    traces = five_step_traces(20, args.seed)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "CRV_API_KEY": ""}
+    server = subprocess.Popen([sys.executable, "-m", "crv.cli", "serve", "--port", str(port), "--threads", "2",
+                               "--max-queue", str(args.max_queue)], env=env)
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if server.poll() is not None:
+                raise RuntimeError("the server exited")
+            time.sleep(0.2)
+        errors = 0
+        with httpx.Client(base_url=url, timeout=600) as c:
+            for t in traces[:3]:  # warm-up
+                errors += post(c, t).status_code != 200
+            per_step = []
+            for i in range(args.latency_requests):
+                body = traces[i % len(traces)]
+                t0 = time.perf_counter()
+                r = post(c, body)
+                dt = time.perf_counter() - t0
+                errors += r.status_code != 200
+                per_step.append(1000 * dt / len(body["steps"]))
+        p50, p95, p99 = (float(np.percentile(per_step, q)) for q in (50, 95, 99))
+        print(f"latency per step (5-step traces): p50 {p50:.0f} ms, p95 {p95:.0f} ms, p99 {p99:.0f} ms")
+        rates = {}
+        for n in (1, 8, 32):
+            rate, errs, sent = throughput(url, traces, n, args.seconds, args.max_requests)
+            rates[str(n)] = rate
+            errors += errs
+            print(f"{n:>2} clients: {rate:.1f} steps/s ({sent} requests, {errs} errors)")
+        # memory soak: small valid requests and malformed ones
+        small = {"task": "arith", "question": "1+2", "steps": ["1+2=3 => 3"]}
+        bad = [{"task": "arith", "question": "1+2", "steps": ["1+2=3 € 3"]}, {"task": "arith"}, {"task": "x", "question": "1", "steps": ["1"]}]
+        with httpx.Client(base_url=url, timeout=600) as c:
+            for _ in range(50):
+                post(c, small)
+            before = rss_mb(server.pid)
+            t0 = time.perf_counter()
+            soak_errors = 0
+            for i in range(args.soak_requests):
+                if i % 4 == 3:
+                    r = c.post("/v1/verify", json=bad[i % 3])
+                    soak_errors += r.status_code != 422
+                else:
+                    soak_errors += post(c, small).status_code != 200
+            after = rss_mb(server.pid)
+        errors += soak_errors
+        growth = (after - before) / before
+        print(f"RSS {before:.0f} MB -> {after:.0f} MB after {args.soak_requests} requests ({100 * growth:+.1f}%), "
+              f"{time.perf_counter() - t0:.0f} s")
+    finally:
+        server.terminate()
+        server.wait(30)
+    out = {"p50_ms_per_step": p50, "p95_ms_per_step": p95, "p99_ms_per_step": p99, "steps_per_s": rates,
+           "errors": int(errors), "rss_growth": growth, "rss_mb": {"before": before, "after": after},
+           "settings": {"latency_requests": args.latency_requests, "seconds_per_level": args.seconds,
+                        "max_requests_per_level": args.max_requests, "soak_requests": args.soak_requests,
+                        "max_queue": args.max_queue, "trace_steps": 5, "torch_threads": 2},
+           "command": command}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "service.json").write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {RESULTS / 'service.json'}")
+
+
+if __name__ == "__main__":
+    main()
