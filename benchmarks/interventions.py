@@ -72,9 +72,10 @@ def main() -> None:
             out[task] = {"flagged_faulty": 0, "targeted_fix_rate": None, "random_fix_rate": None, "harm_rate": None}
             continue
         out[task] = {k: r[k] for k in ("flagged_faulty", "targeted_fix_rate", "random_fix_rate", "harm_rate", "faulty_steps",
-                                       "reproduced", "harm_steps", "arms", "harm_by_arm")}
-    out["settings"] = {**results["settings"], "arith_count_per_n": args.count, "bool_count": args.bool_count, "seed": args.seed,
-                       "classifier": str(args.classifier), "max_feature_nodes": cap, "threads": args.threads, "seconds": round(seconds)}
+                                       "reproduced", "harm_steps", "harm_rate_flagged", "harm_steps_flagged",
+                                       "arms", "harm_by_arm")}
+    out["settings"] = {**results["settings"], "arith_count_per_n": args.count, "bool_count": args.bool_count, "problem_seed": args.seed,
+                       "classifier": str(args.classifier.relative_to(Path.cwd()) if args.classifier.is_relative_to(Path.cwd()) else args.classifier), "max_feature_nodes": cap, "threads": args.threads, "seconds": round(seconds)}
     out["command"] = command
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "interventions.json").write_text(json.dumps(out, indent=2) + "\n")

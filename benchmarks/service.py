@@ -110,6 +110,8 @@ def main() -> None:
     ap.add_argument("--soak-requests", type=int, default=2000)
     ap.add_argument("--max-queue", type=int, default=64)
     ap.add_argument("--seed", type=int, default=31)
+    ap.add_argument("--classifier", type=Path, default=None, help="verifier to serve (default: the shipped default)")
+    ap.add_argument("--out", type=Path, default=RESULTS / "service.json")
     args = ap.parse_args()
     command = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/service.py", *sys.argv[1:]])
 
@@ -118,7 +120,8 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "CRV_API_KEY": ""}
     server = subprocess.Popen([sys.executable, "-m", "crv.cli", "serve", "--port", str(port), "--threads", "2",
-                               "--max-queue", str(args.max_queue)], env=env)
+                               "--max-queue", str(args.max_queue)]
+                              + (["--classifier", str(args.classifier)] if args.classifier else []), env=env)
     try:
         for _ in range(600):
             try:
@@ -176,11 +179,13 @@ def main() -> None:
            "errors": int(errors), "rss_growth": growth, "rss_mb": {"before": before, "after": after},
            "settings": {"latency_requests": args.latency_requests, "seconds_per_level": args.seconds,
                         "max_requests_per_level": args.max_requests, "soak_requests": args.soak_requests,
-                        "max_queue": args.max_queue, "trace_steps": 5, "torch_threads": 2},
+                        "max_queue": args.max_queue, "trace_steps": 5, "torch_threads": 2,
+                        "classifier": str(args.classifier or "models/classifiers/default")},
            "command": command}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "service.json").write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {RESULTS / 'service.json'}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

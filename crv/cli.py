@@ -194,7 +194,10 @@ def evaluate_cmd(
     test_fraction: float = typer.Option(0.2, help="Share of problems held out for testing."),
     n_boot: int = typer.Option(1000, help="Bootstrap resamples for the AUROC intervals."),
     prm_epochs: int = typer.Option(8, help="Fine-tuning epochs of the PRM baseline (0: no PRM baselines)."),
-    threads: int = typer.Option(0, help="torch threads (0: default)."),
+    executor: str = typer.Option("local", help="Where graphs are computed: local (this process) or ray."),
+    address: Optional[str] = typer.Option(None, help="Ray cluster to join (auto, ray://host:port); default: start one here."),
+    workers: int = typer.Option(2, help="Ray workers (one actor each, holding the model once)."),
+    threads: int = typer.Option(0, help="torch threads (0: default; per worker with --executor ray)."),
 ) -> None:
     """Evaluate CRV against the baselines on a labelled CoT dataset (AUROC / AUPR / FPR@95, ablation, transfer)."""
     import torch
@@ -209,9 +212,15 @@ def evaluate_cmd(
 
     from crv.attribution.attributor import STEP_TARGETS
 
+    from crv.extract import LocalExecutor, RayExecutor
+
     for t in [step_target, *extra_target]:
         if t not in STEP_TARGETS:
             raise typer.BadParameter(f"unknown step target {t!r}; choose from {', '.join(STEP_TARGETS)}", param_hint="--step-target")
+    if executor not in ("local", "ray"):
+        raise typer.BadParameter(f"unknown executor {executor!r}; choose local or ray", param_hint="--executor")
+    runner = (RayExecutor(num_workers=workers, address=address, threads_per_worker=threads or 1) if executor == "ray"
+              else LocalExecutor())
     if threads:
         torch.set_num_threads(threads)
     att = Attributor.load(model, transcoders, AttributionConfig(max_feature_nodes=max_feature_nodes or None))
@@ -223,7 +232,7 @@ def evaluate_cmd(
     results = run_evaluation(records, att, run_dir, graph_dir or Path("graphs") / run_dir.name,
                              EvalConfig(test_fraction=test_fraction, n_boot=n_boot,
                                         prm=PRMConfig(epochs=prm_epochs) if prm_epochs > 0 else None), command="crv " + " ".join(sys.argv[1:]),
-                             target=step_target, extra_targets=tuple(extra_target))
+                             target=step_target, extra_targets=tuple(extra_target), executor=runner)
     typer.echo("\n" + results["markdown"])
     typer.echo("\nwrote " + ", ".join(results["files"].values()))
 

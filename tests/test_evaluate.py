@@ -58,8 +58,13 @@ def test_evaluate_end_to_end(tmp_path):
     assert len(fps) == sum(len(r.steps) for r in records) and fps["faulty"].sum() == 16
     assert (run_dir / "classifiers" / "arith.xgb.json").is_file()
     # a second run reuses the cached graphs and gives the same fingerprints
-    cached = list(graph_dir.rglob("*.safetensors"))
-    assert {p.relative_to(graph_dir).parts[0] for p in cached} == {"last", "result"}
+    from crv.extract import TraceStore
+
+    store = TraceStore(graph_dir)
+    assert len(store.keys()) == len(records)
+    entry = store.get(store.keys()[0])
+    assert set(entry.summaries) == {"last", "result"} and len(entry.rows) == len(entry.summaries["last"])
+    cached = list(graph_dir.glob("??/*"))  # the store entries
     mtimes = {p: p.stat().st_mtime_ns for p in cached}
     result = CliRunner().invoke(app, args + ["--prm-epochs", "0"])
     assert result.exit_code == 0, result.output

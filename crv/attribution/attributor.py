@@ -94,6 +94,8 @@ class Attributor:
     transcoders: TranscoderSet
     config: AttributionConfig
     model_id: str = "crv-reasoner"
+    model_dir: Path | None = None  # where load() read the model and transcoders (None: built in memory)
+    transcoder_dir: Path | None = None
 
     @classmethod
     def load(
@@ -108,7 +110,8 @@ class Attributor:
         model_dir = Path(model_dir) if model_dir is not None else DEFAULT_REASONER_DIR
         model, tok = load_reasoner(model_dir, dtype=dtype, device=device)
         ts = load_transcoders(transcoder_dir, model=model, dtype=dtype, device=device)
-        return cls(model, tok, ts, config, model_id=f"{model_dir.name}@{model_checksum(model_dir)}")
+        return cls(model, tok, ts, config, model_id=f"{model_dir.name}@{model_checksum(model_dir)}",
+                   model_dir=model_dir.resolve(), transcoder_dir=ts.path.resolve())
 
     def encode(self, text: str) -> torch.Tensor:
         return torch.tensor(encode_text(self.tokenizer, text))

@@ -11,7 +11,8 @@ from crv.classify.model import StepClassifier
 from crv.evaluate.methods import EvalConfig, TextInputs, split
 from crv.evaluate.report import markdown_table, write_report
 from crv.evaluate.run import evaluate_table, save_step_table
-from crv.evaluate.steps import build_step_table, column_groups, time_crv
+from crv.evaluate.steps import column_groups, time_crv
+from crv.extract import LocalExecutor, RayExecutor, build_step_table
 from crv.tasks.schema import Record
 
 
@@ -27,10 +28,12 @@ def run_evaluation(
     extra_targets: tuple[str, ...] = (),
     table: pd.DataFrame | None = None,
     cost_sample: int = 8,
+    executor: LocalExecutor | RayExecutor | None = None,
 ) -> dict:
     """Evaluate CRV and the baselines on ``records``; writes the step table, report files and classifiers.
 
-    Graph summaries are cached in ``graph_dir`` (reused when present); the report files
+    Each trace's rows and pruned graphs are stored in ``graph_dir`` as they are computed (a rerun
+    or an interrupted run reuses them; see :mod:`crv.extract`); the report files
     (``report.md``, ``evaluation.json``, ``report.html``), ``steps.parquet`` and the CRV
     classifier trained on each task's training split (``classifiers/<task>``) go to ``run_dir``.
     A step table from an earlier run of the same records (``steps.parquet``) may be passed as ``table``.
@@ -40,7 +43,8 @@ def run_evaluation(
     run_dir = Path(run_dir)
     graph_dir = Path(graph_dir) if graph_dir is not None else None
     if table is None:
-        table = build_step_table(att, records, graph_dir, progress=progress, target=target, extra_targets=extra_targets)
+        table = build_step_table(att, records, graph_dir, progress=progress, target=target, extra_targets=extra_targets,
+                                 executor=executor)
     elif len(table) != sum(len(r.steps) for r in records):
         raise ValueError(f"the step table has {len(table)} rows but the records have {sum(len(r.steps) for r in records)} steps")
     save_step_table(table, run_dir, graph_dir)

@@ -17,46 +17,24 @@ Column groups of the step table (a pandas DataFrame):
 The step's tokens are its characters (the newline excluded); its graph is the one at its
 last token (``target="last"``, the paper's setting), at its ``=`` (``"result"``) or where the
 model was least sure of the step's next character (``"uncertain"``).
-Pruned graph summaries are cached per trace under ``graph_dir`` and reused
-when their model / transcoder checksums match.
+:func:`crv.extract.build_step_table` builds the table of a dataset (resumably, locally or on Ray).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from dataclasses import asdict
-from pathlib import Path
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from crv.attribution.attributor import Attributor, step_position, step_target, trace_text
 from crv.fingerprint.features import fingerprint_summary
-from crv.fingerprint.summary import GraphSummary, load_summaries, save_summaries, summarize
+from crv.fingerprint.summary import GraphSummary, summarize
 from crv.tasks.schema import Record
 
 TEMPERATURES = (0.5, 0.75, 1.5, 2.0, 3.0, 5.0)
 KEYS = ["problem_id", "task", "n", "step_index", "faulty"]
-
-
-def _safe_name(problem_id: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in problem_id)
-
-
-def _cached(path: Path, att: Attributor, n_steps: int) -> list[GraphSummary] | None:
-    if not path.with_name(path.name + ".json").is_file():
-        return None
-    try:
-        summaries = load_summaries(path)
-    except Exception:  # a corrupt cache entry is rebuilt, never trusted
-        return None
-    ok = len(summaries) == n_steps and all(
-        s.meta.get("model") == att.model_id and s.meta.get("transcoders") == att.transcoders.checksum()
-        and s.meta.get("settings") == asdict(att.config) for s in summaries
-    )
-    return summaries if ok else None
 
 
 def black_box(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
@@ -90,28 +68,18 @@ def transcoder_stats(layer: torch.Tensor, pos: torch.Tensor, feat: torch.Tensor,
     return out
 
 
-def _step_summaries(att: Attributor, tr, record: Record, ends: list[int], graph_dir: Path | None, target: str) -> list[GraphSummary]:
-    cache = graph_dir / target / record.task / _safe_name(record.problem_id) if graph_dir is not None else None
-    summaries = _cached(cache, att, len(ends)) if cache is not None else None
-    if summaries is None:
-        summaries = [summarize(tr.graph(pos=step_target(record.steps[k], end, target, tr.cap.logits), step_index=k))
-                     for k, end in enumerate(ends)]
-        if cache is not None:
-            save_summaries(summaries, cache)
-    return summaries
-
-
-def trace_rows(att: Attributor, record: Record, graph_dir: Path | None = None, target: str = "last",
-               extra_targets: tuple[str, ...] = ()) -> list[dict]:
-    """All step rows of one record (graphs from the cache when valid).
+def trace_entry(att: Attributor, record: Record, target: str = "last",
+                extra_targets: tuple[str, ...] = ()) -> tuple[list[dict], dict[str, list[GraphSummary]]]:
+    """All step rows of one record, and its steps' pruned graphs per step target (one forward pass).
 
     The fingerprint of the graph at ``target`` is unprefixed; those at ``extra_targets``
-    (computed from the same forward pass and row cache) are prefixed ``"<target>:"``.
+    (from the same forward pass and row cache) are prefixed ``"<target>:"``.
     """
     text, ends = trace_text(record)
     tr = att.trace(text, {"problem_id": record.problem_id, "task": record.task})
-    summaries = _step_summaries(att, tr, record, ends, graph_dir, target)
-    extra = {t: _step_summaries(att, tr, record, ends, graph_dir, t) for t in extra_targets if t != target}
+    targets = [target] + [t for t in dict.fromkeys(extra_targets) if t != target]
+    summaries = {t: [summarize(tr.graph(pos=step_target(record.steps[k], end, t, tr.cap.logits), step_index=k))
+                     for k, end in enumerate(ends)] for t in targets}
     ids, logits = tr.cap.ids, tr.cap.logits
     with torch.no_grad():
         hidden = att.model(input_ids=ids[None].to(att.model.device), output_hidden_states=True).hidden_states
@@ -123,15 +91,15 @@ def trace_rows(att: Attributor, record: Record, graph_dir: Path | None = None, t
         lo, hi = start + 1, step_position(end)  # token positions of the step's characters
         row: dict = {"problem_id": record.problem_id, "task": record.task, "n": record.n, "step_index": k,
                      "faulty": int(record.labels[k] == 0)}
-        row.update(fingerprint_summary(summaries[k]))
-        for t, summ in extra.items():
-            row.update({f"{t}:{name}": v for name, v in fingerprint_summary(summ[k]).items()})
+        row.update(fingerprint_summary(summaries[target][k]))
+        for t in targets[1:]:
+            row.update({f"{t}:{name}": v for name, v in fingerprint_summary(summaries[t][k]).items()})
         row.update(black_box(logits[lo - 1 : hi], ids[lo : hi + 1]))
         row.update(transcoder_stats(feats.layer, feats.pos, feats.feat, feats.act, lo, hi, tr.lin.n_layers))
         for l, h in enumerate(hidden):
             row.update({f"h{l}.{i}": v for i, v in enumerate(h[lo : hi + 1].mean(0).tolist())})
         rows.append(row)
-    return rows
+    return rows, summaries
 
 
 def time_crv(att: Attributor, records: Iterable[Record], target: str = "last") -> float:
@@ -146,20 +114,6 @@ def time_crv(att: Attributor, records: Iterable[Record], target: str = "last") -
     if n == 0:
         raise ValueError("no steps to time")
     return 1000 * (time.perf_counter() - start) / n
-
-
-def build_step_table(att: Attributor, records: Iterable[Record], graph_dir: str | Path | None = None,
-                     progress: bool = True, target: str = "last", extra_targets: tuple[str, ...] = ()) -> pd.DataFrame:
-    """The step table of a labelled dataset (see the module docstring for its columns)."""
-    records = list(records)
-    graph_dir = Path(graph_dir) if graph_dir is not None else None
-    rows: list[dict] = []
-    for rec in tqdm(records, desc="graphs", unit="trace", disable=not progress):
-        if rec.steps:
-            rows.extend(trace_rows(att, rec, graph_dir, target, extra_targets))
-    if not rows:
-        raise ValueError("no steps to evaluate")
-    return pd.DataFrame(rows)
 
 
 def column_groups(table: pd.DataFrame) -> dict[str, list[str]]:

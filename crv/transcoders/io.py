@@ -123,6 +123,7 @@ class TranscoderSet:
         for i in range(len(self.files)):
             self._check_shapes(i)
         self._layers: dict[int, TopKTranscoder] = {}
+        self._checksum: str | None = None
 
     def _resolve(self, name: str) -> Path:
         p = Path(name)
@@ -169,11 +170,13 @@ class TranscoderSet:
         return tc
 
     def checksum(self) -> str:
-        """SHA-256 over config and layer files (identifies the set in graphs and reports)."""
-        h = hashlib.sha256((self.path / "config.yaml").read_bytes())
-        for f in self.files:
-            h.update(f.read_bytes())
-        return h.hexdigest()[:16]
+        """SHA-256 over config and layer files (identifies the set in graphs and reports; computed once)."""
+        if self._checksum is None:
+            h = hashlib.sha256((self.path / "config.yaml").read_bytes())
+            for f in self.files:
+                h.update(f.read_bytes())
+            self._checksum = h.hexdigest()[:16]
+        return self._checksum
 
 
 def load_transcoders(

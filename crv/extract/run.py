@@ -1,0 +1,62 @@
+"""Building a dataset's step table: resumable, on any executor."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from pathlib import Path
+
+import pandas as pd
+
+from crv.attribution.attributor import Attributor
+from crv.extract.executors import ExtractSpec, LocalExecutor, RayExecutor
+from crv.extract.store import Entry, TraceStore, trace_key
+from crv.tasks.schema import Record
+
+#: bump when the step rows change meaning (old store entries then stop matching)
+ROWS_VERSION = 1
+
+
+def extraction_settings(att: Attributor, spec: ExtractSpec) -> dict:
+    """Everything besides the trace that determines its entry (part of every store key)."""
+    return {"model": att.model_id, "transcoders": att.transcoders.checksum(), "attribution": dataclasses.asdict(att.config),
+            "target": spec.target, "extra_targets": list(spec.extra_targets), "rows_version": ROWS_VERSION}
+
+
+def build_step_table(att: Attributor, records: Iterable[Record], graph_dir: str | Path | None = None,
+                     progress: bool = True, target: str = "last", extra_targets: tuple[str, ...] = (),
+                     executor: LocalExecutor | RayExecutor | None = None) -> pd.DataFrame:
+    """The step table of a labelled dataset (columns: :mod:`crv.evaluate.steps`), in record order.
+
+    With ``graph_dir`` each trace's rows and pruned graphs are stored there as soon as they are
+    computed (:class:`~crv.extract.store.TraceStore`), and traces already stored with the same
+    settings are not computed again, so an interrupted run resumes where it stopped.
+    """
+    records = [r for r in records if r.steps]
+    if not records:
+        raise ValueError("no steps to evaluate")
+    spec = ExtractSpec(target, tuple(extra_targets))
+    executor = executor or LocalExecutor(progress=progress)
+    store = TraceStore(graph_dir) if graph_dir is not None else None
+    settings = extraction_settings(att, spec)
+    keys = [trace_key(settings, r) for r in records]
+    entries: dict[int, Entry] = {}
+    if store is not None:
+        for i, k in enumerate(keys):
+            e = store.get(k)
+            if e is not None:
+                entries[i] = e
+    todo = [i for i in range(len(records)) if i not in entries]
+
+    def on_result(i: int, entry: Entry) -> None:
+        entries[i] = entry
+        if store is not None:
+            store.put(keys[i], entry, {"problem_id": records[i].problem_id, "task": records[i].task})
+
+    try:
+        if todo:
+            executor.run(att, spec, records, todo, on_result)
+    finally:
+        if store is not None:
+            store.record_run(settings, len(records), sum(1 for i in todo if i in entries))
+    return pd.concat([entries[i].rows for i in range(len(records))], ignore_index=True)

@@ -1,0 +1,150 @@
+"""Resumable, append-only storage of per-trace extraction results (step rows and pruned graphs).
+
+One entry per trace, keyed by a content hash of everything that determines it: the model,
+the transcoders, the attribution settings, the step targets and the trace itself. An entry is
+three files under ``<root>/<key[:2]>/``::
+
+    <key>.parquet                     the trace's step rows (fingerprints, baselines' inputs)
+    <key>.graphs.safetensors / .json  the pruned graphs of its steps (one set per step target)
+    <key>.json                        the commit marker: SHA-256 of the files above, problem id, settings
+
+Each file is written to a temporary name and renamed into place, the marker last, so an
+entry is either complete or absent: a run killed at any point leaves nothing that later reads
+as valid. On read the checksums are verified; a corrupted entry is reported as missing (and
+recomputed by the caller). ``manifest.json`` records the settings and library versions of the
+runs that wrote to the store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+
+import pandas as pd
+
+from crv.fingerprint.summary import GraphSummary, load_summaries, save_summaries
+from crv.tasks.schema import Record
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def trace_key(settings: dict, record: Record) -> str:
+    """Content hash of (settings, trace): model, transcoders, attribution settings, targets, the record's text and labels."""
+    content = {"settings": settings, "problem_id": record.problem_id, "task": record.task, "n": record.n,
+               "question": record.question, "steps": record.steps, "labels": record.labels}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass
+class Entry:
+    """A stored trace: its step rows and, per step target, its steps' pruned graphs."""
+
+    rows: pd.DataFrame
+    summaries: dict[str, list[GraphSummary]]
+
+
+class TraceStore:
+    """Per-trace results under ``root`` (see the module docstring)."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def _base(self, key: str) -> Path:
+        return self.root / key[:2] / key
+
+    def has(self, key: str) -> bool:
+        """True if a complete, uncorrupted entry exists."""
+        return self._verified(key) is not None
+
+    def _verified(self, key: str) -> dict | None:
+        base = self._base(key)
+        marker = base.with_name(base.name + ".json")
+        if not marker.is_file():
+            return None
+        try:
+            meta = json.loads(marker.read_text())
+            for name, digest in meta["sha256"].items():
+                if _sha256(base.with_name(f"{base.name}.{name}")) != digest:
+                    return None
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return meta
+
+    def get(self, key: str) -> Entry | None:
+        """The entry, or None if it is absent or fails its checksums."""
+        meta = self._verified(key)
+        if meta is None:
+            return None
+        base = self._base(key)
+        try:
+            rows = pd.read_parquet(base.with_name(base.name + ".parquet"))
+            flat = load_summaries(base.with_name(base.name + ".graphs")) if "graphs.json" in meta["sha256"] else []
+        except Exception:  # a file that passed its checksum but does not parse: treat as missing
+            return None
+        summaries: dict[str, list[GraphSummary]] = {}
+        for target, n in meta["summaries"].items():
+            summaries[target], flat = flat[:n], flat[n:]
+        return Entry(rows, summaries)
+
+    def put(self, key: str, entry: Entry, info: dict | None = None) -> None:
+        """Write an entry atomically (data files first, the marker last)."""
+        base = self._base(key)
+        base.parent.mkdir(parents=True, exist_ok=True)
+        tmp = base.with_name(f".{base.name}.{os.getpid()}.tmp")
+        entry.rows.to_parquet(tmp, index=False)
+        os.replace(tmp, base.with_name(base.name + ".parquet"))
+        names = ["parquet"]
+        flat = [s for target in entry.summaries for s in entry.summaries[target]]
+        if flat:
+            save_summaries(flat, tmp)  # tmp.safetensors, tmp.json
+            for ext in ("safetensors", "json"):
+                os.replace(tmp.with_name(f"{tmp.name}.{ext}"), base.with_name(f"{base.name}.graphs.{ext}"))
+            names += ["graphs.safetensors", "graphs.json"]
+        digests = {n: _sha256(base.with_name(f"{base.name}.{n}")) for n in names}
+        meta = {"key": key, "sha256": digests, "summaries": {t: len(v) for t, v in entry.summaries.items()},
+                "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(info or {})}
+        _atomic_write_text(base.with_name(base.name + ".json"), json.dumps(meta, indent=1))
+
+    def keys(self) -> list[str]:
+        """Keys of the committed entries (checksums not verified)."""
+        return sorted(p.name[: -len(".json")] for p in self.root.glob("??/*.json") if not p.name.endswith(".graphs.json"))
+
+    def record_run(self, settings: dict, n_traces: int, computed: int) -> None:
+        """Append this run to ``manifest.json`` (settings, versions, counts)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / "manifest.json"
+        try:
+            manifest = json.loads(path.read_text()) if path.is_file() else {"runs": []}
+        except ValueError:
+            manifest = {"runs": []}
+        versions = {p: version(p) for p in ("crv", "torch", "transformers", "networkx", "xgboost-cpu") if _installed(p)}
+        manifest["runs"].append({"settings": settings, "versions": {**versions, "python": platform.python_version()},
+                                 "traces": n_traces, "computed": computed, "reused": n_traces - computed,
+                                 "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        _atomic_write_text(path, json.dumps(manifest, indent=1))
+
+
+def _installed(dist: str) -> bool:
+    try:
+        version(dist)
+        return True
+    except Exception:
+        return False
