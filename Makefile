@@ -19,9 +19,9 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/crv demo
 
-# the tests also check crv's graphs against circuit-tracer 0.5.0 (the optional `peer` extra)
+# the tests also check crv's graphs against circuit-tracer 0.5.0 (the `peer` extra) and run the Ray executor (`ray`)
 $(PEER_STAMP): $(STAMP)
-	$(PY) -m pip install -q -e '.[dev,peer]'
+	$(PY) -m pip install -q -e '.[dev,peer,ray]'
 	touch $@
 
 # the viewer page is tested in headless Chromium (Debian's package; playwright drives it)
