@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(VENV)/bin/crv demo
 
 # the tests also check crv's graphs against circuit-tracer 0.5.0 (the `peer` extra) and run the Ray executor (`ray`)
-$(PEER_STAMP): $(STAMP)
+$(PEER_STAMP): $(STAMP) Makefile
 	$(PY) -m pip install -q -e '.[dev,peer,ray]'
 	touch $@
 

@@ -89,7 +89,7 @@ def test_corrupted_entry_is_detected_and_recomputed(att, records, clean, tmp_pat
 
 
 def test_ray_executor_matches_local_and_resumes(att, records, clean, tmp_path):
-    ray = pytest.importorskip("ray")
+    import ray  # make test installs the ray extra
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         with pytest.raises(Exception, match="failing on purpose"):

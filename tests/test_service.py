@@ -189,7 +189,7 @@ def test_client_and_verify_cli_against_a_real_server(live_server, tmp_path):
 
 
 def test_viewer_page_in_headless_chromium(live_server):
-    sync_api = pytest.importorskip("playwright.sync_api")
+    from playwright import sync_api  # a dev dependency
     import shutil
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
