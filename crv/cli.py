@@ -67,6 +67,8 @@ def train_transcoders_cmd(
     steps: int = typer.Option(2000),
     batch_tokens: int = typer.Option(4096),
     lr: float = typer.Option(1e-3),
+    aux_k: int = typer.Option(256, help="Dead features the auxiliary (AuxK) loss uses per token."),
+    resample_every: int = typer.Option(100, help="Steps between dead-feature resamplings (0: never)."),
     seed: int = typer.Option(0),
     threads: int = typer.Option(0, help="torch threads (0: default)."),
 ) -> None:
@@ -79,7 +81,9 @@ def train_transcoders_cmd(
     if threads:
         torch.set_num_threads(threads)
     lm, tok = load_reasoner(model)
-    cfg = TranscoderTrainConfig(expansion=expansion, k=k, steps=steps, batch_tokens=batch_tokens, lr=lr, seed=seed)
+    cfg = TranscoderTrainConfig(
+        expansion=expansion, k=k, steps=steps, batch_tokens=batch_tokens, lr=lr, aux_k=aux_k, resample_every=resample_every, seed=seed
+    )
     train_transcoders(lm, tok, cfg, out, command="crv " + " ".join(sys.argv[1:]))
     typer.echo(f"saved {out}")
 

@@ -8,7 +8,7 @@ from crv.reasoner.model import load_reasoner
 from crv.transcoders.activations import cot_texts, encode_batch
 from crv.transcoders.io import DEFAULT_TRANSCODER_DIR, TranscoderLoadError, load_transcoders, save_transcoders
 from crv.transcoders.metrics import layer_quality, replaced_mlps
-from crv.transcoders.train import TranscoderTrainConfig, train_transcoders
+from crv.transcoders.train import TranscoderTrainConfig, resample_dead, train_transcoders
 from crv.transcoders.transcoder import TopKTranscoder, TranscoderShape
 
 SHAPE = TranscoderShape(d_model=16, d_transcoder=64, k=5)
@@ -87,6 +87,25 @@ def test_tiny_transcoders_learn(tiny_reasoner_dir, tmp_path):
     train_transcoders(model, tok, TranscoderTrainConfig(**{**cfg.__dict__, "steps": 2}), short, progress=False)
     fvu_short = [q.fvu for q in layer_quality(model, tok, load_transcoders(short, model=model), texts)]
     assert all(a < 0.7 * b for a, b in zip(fvu_trained, fvu_short)), (fvu_trained, fvu_short)
+
+
+def test_resampling_revives_dead_features():
+    gen = torch.Generator().manual_seed(0)
+    tc = TopKTranscoder(TranscoderShape(16, 64, 4), 0)
+    tc.reset_parameters(gen)
+    x, y = torch.randn(200, 16, generator=gen), torch.randn(200, 16, generator=gen)
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[:10] = True
+    with torch.no_grad():
+        tc.b_enc[:10] = -1e4  # these ten can never win the TopK
+    assert not (tc.encode(x)[:, :10] > 0).any()
+    alive_before = tc.W_enc[10:].clone()
+    idx = resample_dead(tc, dead, x, y, gen)
+    assert idx.tolist() == list(range(10))
+    assert torch.equal(tc.W_enc[10:], alive_before)
+    assert torch.allclose(tc.W_dec[:10].norm(dim=-1), torch.ones(10))
+    revived = (tc.encode(x)[:, :10] > 0).any(0)
+    assert revived.float().mean() >= 0.8, revived
 
 
 def test_replacement_hooks_are_removed(tiny_reasoner_dir, tmp_path):

@@ -12,7 +12,7 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from crv.transcoders.activations import ActivationStream
 from crv.transcoders.io import save_transcoders
-from crv.transcoders.transcoder import TopKTranscoder, TranscoderShape
+from crv.transcoders.transcoder import TopKTranscoder, TranscoderShape, topk_activation
 
 
 @dataclass(frozen=True)
@@ -26,10 +26,12 @@ class TranscoderTrainConfig:
     buffer_tokens: int = 65_536
     lr: float = 1e-3
     warmup: int = 50
-    aux_k: int = 32  # dead features used by the auxiliary loss
+    aux_k: int = 256  # dead features used by the auxiliary loss
     aux_tokens: int = 1024  # tokens of each batch the auxiliary loss looks at (keeps it cheap)
     aux_coef: float = 1 / 32
-    dead_tokens: int = 200_000  # a feature is dead after this many tokens without firing
+    dead_tokens: int = 50_000  # a feature is dead after this many tokens without firing (about the held-out benchmark's size)
+    resample_every: int = 100  # steps between dead-feature resamplings (0: never)
+    resample_until: float = 0.7  # fraction of training after which features are left alone
     seed: int = 0
 
 
@@ -39,11 +41,52 @@ def normalized_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (pred - target).pow(2).sum(-1).mean() / var
 
 
+@torch.no_grad()
+def resample_dead(
+    tc: TopKTranscoder, dead: torch.Tensor, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
+    """Re-initialise the ``dead`` features on tokens the transcoder reconstructs worst.
+
+    Tokens are drawn with probability proportional to their squared reconstruction
+    error. Each dead feature gets the drawn token's residual (``y - recon``, unit norm)
+    as its decoder row, and an encoder row along the token's input, scaled so that its
+    pre-activation there is 1.25 times the token's current k-th largest one: the feature
+    enters the TopK on that kind of input and starts to learn at once (a TopK variant
+    of Anthropic's resampling). Returns the indices of the resampled features.
+    """
+    idx = dead.nonzero().flatten()
+    if idx.numel() == 0:
+        return idx
+    pre = tc.pre_activations(x)
+    kth = pre.topk(tc.k, dim=-1).values[:, -1].clamp_min(1e-3)
+    resid = y - tc.decode(topk_activation(pre, tc.k))
+    err = resid.pow(2).sum(-1)
+    tokens = torch.multinomial(err / err.sum(), idx.numel(), replacement=idx.numel() > x.shape[0], generator=generator)
+    tc.W_dec[idx] = resid[tokens] / resid[tokens].norm(dim=-1, keepdim=True).clamp_min(1e-8)
+    xs = x[tokens]
+    tc.W_enc[idx] = xs * (1.25 * kth[tokens] / xs.pow(2).sum(-1).clamp_min(1e-8)).unsqueeze(-1)
+    tc.b_enc[idx] = 0.0
+    return idx
+
+
 class _LayerTrainer:
     def __init__(self, tc: TopKTranscoder, cfg: TranscoderTrainConfig):
         self.tc, self.cfg = tc, cfg
         self.opt = torch.optim.Adam(tc.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
         self.since_fired = torch.zeros(tc.shape.d_transcoder, dtype=torch.long)
+        self.gen = torch.Generator().manual_seed(cfg.seed + 1000 * tc.layer)
+
+    def resample(self, x: torch.Tensor, y: torch.Tensor) -> int:
+        """Resample the features dead right now; their optimiser state restarts too."""
+        idx = resample_dead(self.tc, self.since_fired > self.cfg.dead_tokens, x, y, self.gen)
+        if idx.numel():
+            for p in (self.tc.W_enc, self.tc.W_dec, self.tc.b_enc):
+                state = self.opt.state.get(p, {})
+                for key in ("exp_avg", "exp_avg_sq"):
+                    if key in state:
+                        state[key][idx] = 0.0
+            self.since_fired[idx] = 0
+        return int(idx.numel())
 
     def _selected(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """ReLU'd pre-activations of the chosen features only (gradients touch only those encoder rows)."""
@@ -123,6 +166,9 @@ def train_transcoders(
         if step > 0.8 * cfg.steps:  # linear decay over the last 20%
             lr *= max(0.0, (cfg.steps - step) / (0.2 * cfg.steps))
         stats = [t.step(x[i], y[i], lr) for i, t in enumerate(trainers)]
+        if cfg.resample_every and step > 0 and step % cfg.resample_every == 0 and step < cfg.resample_until * cfg.steps:
+            resampled = [t.resample(x[i], y[i]) for i, t in enumerate(trainers)]
+            log.append({"step": step, "resampled": resampled})
         if step % 20 == 0 or step == cfg.steps - 1:
             log.append({"step": step, "fvu": [round(s[0], 4) for s in stats], "dead": [round(s[1], 4) for s in stats],
                         "seconds": round(time.time() - start, 1)})
