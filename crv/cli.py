@@ -337,7 +337,7 @@ def serve_cmd(
     classifier: Optional[Path] = typer.Option(None, help="Verifier (default: the shipped one)."),
     threshold: float = typer.Option(0.5, help="p_faulty at or above which a step is flagged."),
     max_queue: int = typer.Option(16, help="Requests that may wait for the model (429 beyond)."),
-    threads: int = typer.Option(2, help="torch threads."),
+    threads: int = typer.Option(2, help="torch threads of the model thread."),
 ) -> None:
     """Serve the step-verification API and trace viewer (API key from $CRV_API_KEY)."""
     import os
@@ -353,10 +353,10 @@ def serve_cmd(
         check_bind(host, key)
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--host") from e
-    torch.set_num_threads(threads)
+    torch.set_num_threads(1)  # the model runs on its own thread (with `threads`); see crv/api/app.py
     verifier = Verifier.load(model, transcoders, classifier, threshold)
     typer.echo(f"crv serve: {verifier.att.model_id}, classifier {verifier.classifier_id}; http://{host}:{port}/ (docs at /docs)")
-    uvicorn.run(create_app(verifier, ServiceSettings(max_queue=max_queue, api_key=key)), host=host, port=port, log_level="warning")
+    uvicorn.run(create_app(verifier, ServiceSettings(max_queue=max_queue, api_key=key, torch_threads=threads)), host=host, port=port, log_level="warning")
 
 
 @app.command("verify")

@@ -2,10 +2,11 @@
 
 Endpoints: ``POST /v1/verify``, ``POST /v1/intervene``, ``GET /v1/model``, ``GET /healthz``,
 the trace viewer at ``/`` and the OpenAPI docs at ``/docs``. Model work runs one request at a
-time on one dedicated model thread (the model is not re-entrant, and torch's OpenMP team is
-per calling thread: a pool of threads taking turns leaves idle teams spinning, which cost the
-verifier 1.6x on 2 cores); requests wait in a bounded queue, and a full queue answers 429 with
-``Retry-After``.
+time on one dedicated model thread (the model is not re-entrant); requests wait in a bounded
+queue, and a full queue answers 429 with ``Retry-After``. torch's OpenMP team belongs to the
+calling thread: two threads that each run torch ops with several threads keep two teams, which
+fight over the cores (measured: the verifier 2x slower on 2 cores). So the model thread sets
+``ServiceSettings.torch_threads`` for itself, and ``crv serve`` keeps the main thread at one.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -45,6 +48,7 @@ class ServiceSettings:
     max_queue: int = 16  # requests waiting for the model; 429 above
     retry_after_s: int = 1
     api_key: str | None = None  # required on /v1/* when set
+    torch_threads: int = 0  # torch threads of the model thread (0: torch's default)
 
 
 def is_loopback(host: str) -> bool:
@@ -66,10 +70,11 @@ def check_bind(host: str, api_key: str | None) -> None:
 class _Queue:
     """At most one request on the model (always the same thread); at most ``limit`` waiting."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, torch_threads: int = 0) -> None:
         self.limit, self.pending = limit, 0
         self.lock = asyncio.Lock()
-        self.thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="crv-model")
+        init = (lambda: torch.set_num_threads(torch_threads)) if torch_threads else None
+        self.thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="crv-model", initializer=init)
 
     async def run(self, fn: Callable[[], Any], retry_after: int) -> Any:
         if self.pending >= self.limit + 1:
@@ -88,7 +93,7 @@ def create_app(verifier: Verifier, settings: ServiceSettings = ServiceSettings()
     app = FastAPI(title="crv step verification", version="1",
                   description="Per-step fault probabilities of a chain of thought, from its attribution graphs (CRV).",
                   responses={413: {"model": Problem}, 422: {"model": Problem}, 429: {"model": Problem}, 401: {"model": Problem}})
-    queue = _Queue(settings.max_queue)
+    queue = _Queue(settings.max_queue, settings.torch_threads)
     max_tokens = settings.max_tokens or verifier.att.model.config.max_position_embeddings
 
     @app.middleware("http")
