@@ -62,7 +62,7 @@ def train_reasoner_cmd(
 def train_transcoders_cmd(
     out: Path = typer.Option(Path("runs/transcoders"), help="Output directory (circuit-tracer layout)."),
     model: Optional[Path] = typer.Option(None, help="Reasoner directory (default: the shipped one)."),
-    expansion: int = typer.Option(32, help="d_transcoder = expansion * d_model."),
+    expansion: int = typer.Option(8, help="d_transcoder = expansion * d_model (8 ships; the paper used 32 on an 8B model)."),
     k: int = typer.Option(16, help="Active features per token (TopK)."),
     steps: int = typer.Option(2000),
     batch_tokens: int = typer.Option(4096),

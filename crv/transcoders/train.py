@@ -19,7 +19,7 @@ from crv.transcoders.transcoder import TopKTranscoder, TranscoderShape, topk_act
 class TranscoderTrainConfig:
     """Everything that defines a transcoder training run."""
 
-    expansion: int = 32  # d_transcoder = expansion * d_model
+    expansion: int = 8  # d_transcoder = expansion * d_model (wider leaves dead features on the tiny reasoner; see README)
     k: int = 16
     steps: int = 2000
     batch_tokens: int = 4096
