@@ -218,3 +218,25 @@ def test_viewer_page_in_headless_chromium(live_server):
             page.wait_for_function("document.getElementById('intervene-out').textContent.includes('before:')", timeout=60_000)
         finally:
             browser.close()
+
+
+def test_model_work_runs_on_one_thread_that_exits_with_the_app(verifier):
+    seen: list[threading.Thread] = []
+    app = create_app(verifier, ServiceSettings(torch_threads=1))
+    original = verifier.verify
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(threading.current_thread())
+        return original(*args, **kwargs)
+
+    verifier.verify = spy  # type: ignore[method-assign]
+    try:
+        with TestClient(app) as client:
+            for _ in range(3):
+                r = client.post("/v1/verify", json={"task": "arith", "question": "2+3", "steps": ["2+3=5 => 5"]})
+                assert r.status_code == 200, r.text
+    finally:
+        del verifier.verify
+    assert len(seen) == 3 and len(set(seen)) == 1 and seen[0].name.startswith("crv-model"), seen
+    assert seen[0] is not threading.main_thread()
+    assert not seen[0].is_alive()  # the app's shutdown stopped it

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import hmac
 import ipaddress
 import time
@@ -90,10 +91,16 @@ class _Queue:
 
 def create_app(verifier: Verifier, settings: ServiceSettings = ServiceSettings()) -> FastAPI:
     """The service app around a loaded verifier."""
-    app = FastAPI(title="crv step verification", version="1",
+    queue = _Queue(settings.max_queue, settings.torch_threads)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):  # type: ignore[no-untyped-def]
+        yield
+        queue.thread.shutdown(wait=True)  # the request in flight finishes; the model thread exits
+
+    app = FastAPI(title="crv step verification", version="1", lifespan=lifespan,
                   description="Per-step fault probabilities of a chain of thought, from its attribution graphs (CRV).",
                   responses={413: {"model": Problem}, 422: {"model": Problem}, 429: {"model": Problem}, 401: {"model": Problem}})
-    queue = _Queue(settings.max_queue, settings.torch_threads)
     max_tokens = settings.max_tokens or verifier.att.model.config.max_position_embeddings
 
     @app.middleware("http")
