@@ -50,3 +50,25 @@ def test_shipped_reasoner_loads_offline_and_solves_easy_problems(monkeypatch):
     records = generate_records(model, tok, easy, progress=False)
     for r in records:
         assert r.solved and r.labels == [1] * len(r.labels) and len(r.labels) == r.n, r
+
+
+@pytest.mark.parametrize(
+    "bad", [{"n_min": 0}, {"n_min": 6, "n_max": 5}, {"task_weights": (("arith", 0.0), ("bool", 0.0))}, {"iterations": 0}]
+)
+def test_train_config_rejects_bad_settings(bad):
+    from crv.reasoner.train import TrainConfig
+
+    with pytest.raises(ValueError):
+        TrainConfig(**bad)
+
+
+def test_training_stream_respects_the_difficulty_range():
+    from crv.reasoner.tokenizer import build_tokenizer
+    from crv.reasoner.train import BatchStream, TrainConfig
+
+    stream = BatchStream(TrainConfig(n_min=4, n_max=4, task_weights=(("arith", 1.0),)), build_tokenizer(), pool=16)
+    ids, _ = next(stream)
+    tok = build_tokenizer()
+    for row in ids:
+        text = tok.decode(row, skip_special_tokens=True)
+        assert text.count(" => ") == 4, text  # one reduction per operator

@@ -40,6 +40,15 @@ class TrainConfig:
     init_from: str | None = None  # continue from this reasoner directory instead of a fresh init
     threads: int = 0  # 0: leave torch's default
 
+    def __post_init__(self) -> None:
+        if not 1 <= self.n_min <= self.n_max:
+            raise ValueError(f"need 1 <= n_min <= n_max, got n_min={self.n_min}, n_max={self.n_max}")
+        if self.iterations < 1 or self.tokens_per_batch < 1:
+            raise ValueError("iterations and tokens_per_batch must be positive")
+        weights = [w for _, w in self.task_weights]
+        if any(w < 0 for w in weights) or sum(weights) <= 0:
+            raise ValueError(f"task weights must be >= 0 with a positive sum, got {self.task_weights}")
+
 
 @dataclass
 class Example:
