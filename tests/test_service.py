@@ -14,7 +14,7 @@ from crv.attribution.attributor import compose_trace, step_target
 from crv.cli import app as cli
 from crv.fingerprint.features import fingerprint
 
-# the shipped reasoner's own mistake (42-2 is 40) from the evaluation benchmark's records
+# a reasoner mistake (42-2 is 40; written by an earlier shipped reasoner): the tests check answers, not the verdict
 FAULTY = {"task": "arith", "question": "(6*(3+4))-2", "steps": ["3+4=7 => (6*7)-2", "6*7=42 => 42-2", "42-2=30 => 30"]}
 
 
