@@ -124,8 +124,8 @@ def test_candidates_follow_the_graph(att):
 
 
 def test_experiment_table_with_controls(att, tmp_path):
-    # the reasoner's own mistakes (n = 10: about half the traces have one) and a verifier trained in the test
-    recs = generate_records(att.model, att.tokenizer, generate_problems("arith", 10, 8, seed=99), progress=False)
+    # the reasoner's own mistakes (n = 10: about a quarter of the traces have one) and a verifier trained in the test
+    recs = generate_records(att.model, att.tokenizer, generate_problems("arith", 10, 8, seed=100), progress=False)
     n_faulty = sum(r.labels[-1] == 0 for r in recs)
     assert 2 <= n_faulty < len(recs)
     from crv.attribution.attributor import step_target, trace_text

@@ -16,6 +16,9 @@ from crv.fingerprint.features import fingerprint
 
 # a reasoner mistake (42-2 is 40; written by an earlier shipped reasoner): the tests check answers, not the verdict
 FAULTY = {"task": "arith", "question": "(6*(3+4))-2", "steps": ["3+4=7 => (6*7)-2", "6*7=42 => 42-2", "42-2=30 => 30"]}
+# the shipped reasoner's own mistake (11*47 is 517), flagged by the shipped verifier; the viewer's first example
+FLAGGED = {"task": "arith", "question": "4+((5+6)*(2+(9*5)))",
+           "steps": ["5+6=11 => 4+(11*(2+(9*5)))", "9*5=45 => 4+(11*(2+45))", "2+45=47 => 4+(11*47)", "11*47=587 => 4+587"]}
 
 
 def test_verify_answers_per_step(verifier):
@@ -203,15 +206,15 @@ def test_viewer_page_in_headless_chromium(live_server):
             page.click("#verify")
             page.wait_for_selector("#steplist li.step", timeout=60_000)
             items = page.query_selector_all("#steplist li.step")
-            assert len(items) == 3
+            assert len(items) == 4
             p_faulty = [float(li.get_attribute("data-p-faulty")) for li in items]
             flagged = ["flagged" in li.get_attribute("class") for li in items]
             # the page highlights exactly the steps the service flags, coloured by p_faulty
-            direct = TestClient(create_app(live_server.verifier)).post("/v1/verify", json=FAULTY).json()["steps"]
+            direct = TestClient(create_app(live_server.verifier)).post("/v1/verify", json=FLAGGED).json()["steps"]
             assert p_faulty == pytest.approx([s["p_faulty"] for s in direct], abs=1e-4)
             assert flagged == [s["flagged"] for s in direct]
-            assert flagged == [False, False, True], "the faulty step (42-2=30) is the one highlighted"
-            items[2].click()
+            assert flagged == [False, False, False, True], "the faulty step (11*47=587) is the one highlighted"
+            items[3].click()
             page.wait_for_selector("#graph circle.node.feature")
             assert page.locator("#graph line").count() > 0
             page.click("#intervene")

@@ -2,10 +2,10 @@
 "use strict";
 const $ = (id) => document.getElementById(id);
 const EXAMPLES = [
-  { name: "arith: the reasoner's own mistake (42-2=30)", task: "arith", question: "(6*(3+4))-2",
-    steps: ["3+4=7 => (6*7)-2", "6*7=42 => 42-2", "42-2=30 => 30"] },
-  { name: "arith: the same, corrected", task: "arith", question: "(6*(3+4))-2",
-    steps: ["3+4=7 => (6*7)-2", "6*7=42 => 42-2", "42-2=40 => 40"] },
+  { name: "arith: the reasoner's own mistake (11*47=587)", task: "arith", question: "4+((5+6)*(2+(9*5)))",
+    steps: ["5+6=11 => 4+(11*(2+(9*5)))", "9*5=45 => 4+(11*(2+45))", "2+45=47 => 4+(11*47)", "11*47=587 => 4+587"] },
+  { name: "arith: the same, corrected", task: "arith", question: "4+((5+6)*(2+(9*5)))",
+    steps: ["5+6=11 => 4+(11*(2+(9*5)))", "9*5=45 => 4+(11*(2+45))", "2+45=47 => 4+(11*47)", "11*47=517 => 4+517"] },
   { name: "bool: correct", task: "bool", question: "(True and False) or (not False)",
     steps: ["True and False=False => False or (not False)", "not False=True => False or True", "False or True=True => True"] },
 ];
