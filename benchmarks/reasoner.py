@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from crv.reasoner.generate import GenerationConfig, generate_records
-from crv.reasoner.model import DEFAULT_REASONER_DIR, load_reasoner
+from crv.lm.encode import trace_encoder
+from crv.lm.load import DEFAULT_MODEL_DIR, load_model
 from crv.tasks.cot import generate_problems
 from crv.tasks.stats import format_table, summarize_by
 
@@ -30,7 +31,7 @@ SEED = 2806  # disjoint from the training stream, which draws from random.Random
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, default=DEFAULT_REASONER_DIR)
+    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR)
     ap.add_argument("--count", type=int, default=300, help="problems per task and n")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "reasoner.json")
     ap.add_argument("--threads", type=int, default=0)
@@ -38,10 +39,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    model, tok = load_reasoner(args.model)
+    model, tok = load_model(args.model)
     problems = [p for task in ("arith", "bool") for n in NS for p in generate_problems(task, n, args.count, seed=SEED)]
     start = time.time()
-    records = generate_records(model, tok, problems, GenerationConfig(batch_size=100))
+    records = generate_records(model, trace_encoder(tok, args.model), problems, GenerationConfig(batch_size=100))
     seconds = time.time() - start
     summary = summarize_by(records)
     print(format_table(summary))

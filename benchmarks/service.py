@@ -32,7 +32,8 @@ import httpx
 import numpy as np
 
 from crv.reasoner.generate import generate_records
-from crv.reasoner.model import load_reasoner
+from crv.lm.encode import trace_encoder
+from crv.lm.load import load_model
 from crv.tasks.cot import generate_problems
 
 RESULTS = Path(__file__).parent / "results"
@@ -52,8 +53,8 @@ def free_port() -> int:
 
 
 def five_step_traces(count: int, seed: int) -> list[dict]:
-    model, tok = load_reasoner()
-    recs = generate_records(model, tok, generate_problems("arith", 5, count * 3, seed=seed), progress=False)
+    model, tok = load_model()
+    recs = generate_records(model, trace_encoder(tok), generate_problems("arith", 5, count * 3, seed=seed), progress=False)
     traces = [{"task": "arith", "question": r.question, "steps": r.steps} for r in recs if len(r.steps) == 5]
     if len(traces) < count:
         raise RuntimeError(f"only {len(traces)} complete 5-step traces")

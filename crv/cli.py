@@ -16,6 +16,62 @@ def _root() -> None:
     """crv: verify chain-of-thought steps via attribution graphs."""
 
 
+def _load(fn):  # type: ignore[no-untyped-def]
+    """Run a loader; a model, transcoder set or prompt format that cannot be used becomes a CLI error naming the fix."""
+    from crv.lm.families import UnsupportedModelError
+    from crv.lm.load import ModelLoadError
+    from crv.transcoders.io import TranscoderLoadError
+
+    try:
+        return fn()
+    except (ModelLoadError, UnsupportedModelError, TranscoderLoadError, FileNotFoundError) as e:
+        raise typer.BadParameter(str(e)) from e
+    except ValueError as e:  # e.g. an unknown prompt format, or chat without a chat template
+        raise typer.BadParameter(str(e), param_hint="--prompt-format") from e
+
+
+def _attributor(model: Optional[Path], transcoders: Optional[Path], config, prompt_format: Optional[str]):  # type: ignore[no-untyped-def]
+    from crv.attribution.attributor import Attributor
+
+    return _load(lambda: Attributor.load(model, transcoders, config, prompt_format=prompt_format))
+
+
+def _model_and_encoder(model: Optional[Path], prompt_format: Optional[str]):  # type: ignore[no-untyped-def]
+    """A model directory's model and its :class:`~crv.lm.encode.TraceEncoder` (tokenizer + prompt format)."""
+    from crv.lm.encode import trace_encoder
+    from crv.lm.load import DEFAULT_MODEL_DIR, load_model
+
+    def load():  # type: ignore[no-untyped-def]
+        lm, tok = load_model(model)
+        return lm, trace_encoder(tok, model or DEFAULT_MODEL_DIR, prompt_format)
+
+    return _load(load)
+
+
+@app.command("import-model")
+def import_model_cmd(
+    source: Path = typer.Argument(..., help="A .gguf file or a local Hugging Face model directory (safetensors)."),
+    out: Path = typer.Option(..., help="Output directory (safetensors, tokenizer, crv_model.json)."),
+    prompt_format: Optional[str] = typer.Option(None, help="Record this prompt format (default: chat if the tokenizer has a chat template, else plain)."),
+) -> None:
+    """Convert a GGUF file or HF directory into a local directory every crv command reads with --model."""
+    import json
+
+    from crv.lm.importer import import_model
+    from crv.lm.load import CRV_MODEL_FILE
+    from crv.lm.prompt import PROMPT_FORMATS
+
+    if prompt_format is not None and prompt_format not in PROMPT_FORMATS:
+        raise typer.BadParameter(f"choose from {', '.join(PROMPT_FORMATS)}", param_hint="--prompt-format")
+    if not source.exists():
+        raise typer.BadParameter(f"no such file or directory: {source}", param_hint="SOURCE")
+    _load(lambda: import_model(source, out, prompt_format=prompt_format))
+    notes = json.loads((out / CRV_MODEL_FILE).read_text())
+    typer.echo(f"imported {notes['family']} model to {out} (prompt format {notes['prompt_format']})")
+    for fix in notes["fixes"]:
+        typer.echo(f"  fixed: {fix}")
+
+
 @app.command("train-reasoner")
 def train_reasoner_cmd(
     out: Path = typer.Option(Path("runs/reasoner"), help="Run directory (final/ and checkpoints/ go here)."),
@@ -63,30 +119,34 @@ def train_reasoner_cmd(
 @app.command("train-transcoders")
 def train_transcoders_cmd(
     out: Path = typer.Option(Path("runs/transcoders"), help="Output directory (circuit-tracer layout)."),
-    model: Optional[Path] = typer.Option(None, help="Reasoner directory (default: the shipped one)."),
+    model: Optional[Path] = typer.Option(None, help="Model directory (default: the shipped reasoner; `crv import-model` makes one from GGUF / HF)."),
+    prompt_format: Optional[str] = typer.Option(None, help="Prompt format: plain or chat (default: the model's own)."),
     expansion: int = typer.Option(8, help="d_transcoder = expansion * d_model (8 ships; the paper used 32 on an 8B model)."),
     k: int = typer.Option(16, help="Active features per token (TopK)."),
     steps: int = typer.Option(2000),
     batch_tokens: int = typer.Option(4096),
+    buffer_tokens: int = typer.Option(65_536, help="Activation buffer (tokens); memory ~ 8 * layers * d_model * this bytes."),
     lr: float = typer.Option(1e-3),
     aux_k: int = typer.Option(256, help="Dead features the auxiliary (AuxK) loss uses per token."),
     resample_every: int = typer.Option(100, help="Steps between dead-feature resamplings (0: never)."),
     seed: int = typer.Option(0),
     threads: int = typer.Option(0, help="torch threads (0: default)."),
 ) -> None:
-    """Train one TopK transcoder per MLP layer of the reasoner."""
+    """Train one TopK transcoder per MLP layer of a model, on CoT text in its prompt format."""
     import torch
 
-    from crv.reasoner.model import load_reasoner
+    from crv.lm.load import DEFAULT_MODEL_DIR
     from crv.transcoders.train import TranscoderTrainConfig, train_transcoders
 
     if threads:
         torch.set_num_threads(threads)
-    lm, tok = load_reasoner(model)
+    lm, encoder = _model_and_encoder(model, prompt_format)
     cfg = TranscoderTrainConfig(
-        expansion=expansion, k=k, steps=steps, batch_tokens=batch_tokens, lr=lr, aux_k=aux_k, resample_every=resample_every, seed=seed
+        expansion=expansion, k=k, steps=steps, batch_tokens=batch_tokens, buffer_tokens=buffer_tokens, lr=lr, aux_k=aux_k,
+        resample_every=resample_every, seed=seed
     )
-    train_transcoders(lm, tok, cfg, out, command="crv " + " ".join(sys.argv[1:]))
+    name = (model or DEFAULT_MODEL_DIR).resolve().name
+    train_transcoders(lm, encoder, cfg, out, model_name=name, command="crv " + " ".join(sys.argv[1:]))
     typer.echo(f"saved {out}")
 
 
@@ -110,7 +170,8 @@ def generate_cmd(
     n: list[int] = typer.Option([5], help="Number(s) of operators (repeat the option for several)."),
     count: int = typer.Option(100, help="Problems per task and n."),
     out: Path = typer.Option(..., help="Output JSONL of labelled records."),
-    model: Optional[Path] = typer.Option(None, help="Reasoner directory (default: the shipped one)."),
+    model: Optional[Path] = typer.Option(None, help="Model directory (default: the shipped reasoner; `crv import-model` makes one from GGUF / HF)."),
+    prompt_format: Optional[str] = typer.Option(None, help="Prompt format: plain or chat (default: the model's own)."),
     seed: int = typer.Option(1, help="Problem seed."),
     batch_size: int = typer.Option(64),
     threads: int = typer.Option(0, help="torch threads (0: default)."),
@@ -119,15 +180,14 @@ def generate_cmd(
     import torch
 
     from crv.reasoner.generate import GenerationConfig, generate_records
-    from crv.reasoner.model import load_reasoner
     from crv.tasks.schema import write_records
     from crv.tasks.stats import format_table, summarize_by
 
     if threads:
         torch.set_num_threads(threads)
     problems = _problems(task, n, count, seed)
-    lm, tok = load_reasoner(model)
-    records = generate_records(lm, tok, problems, GenerationConfig(batch_size=batch_size))
+    lm, encoder = _model_and_encoder(model, prompt_format)
+    records = generate_records(lm, encoder, problems, GenerationConfig(batch_size=batch_size))
     write_records(records, out)
     typer.echo(format_table(summarize_by(records)))
     typer.echo(f"wrote {len(records)} records to {out}")
@@ -154,7 +214,8 @@ def import_gsm8k_cmd(
 def attribute_cmd(
     records: Path = typer.Argument(..., help="JSONL of labelled records (crv generate / import-gsm8k)."),
     out: Path = typer.Option(Path("graphs/run"), help="Directory for the graphs (<problem_id>/step<k>.{safetensors,json})."),
-    model: Optional[Path] = typer.Option(None, help="Local Llama directory (default: the shipped reasoner)."),
+    model: Optional[Path] = typer.Option(None, help="Model directory (default: the shipped reasoner; `crv import-model` makes one from GGUF / HF)."),
+    prompt_format: Optional[str] = typer.Option(None, help="Prompt format: plain or chat (default: the model's own)."),
     transcoders: Optional[Path] = typer.Option(None, help="Transcoder directory (default: the shipped set)."),
     max_feature_nodes: int = typer.Option(4096, help="Feature-node cap (0: uncapped)."),
     limit: int = typer.Option(0, help="Only the first N records (0: all)."),
@@ -163,7 +224,6 @@ def attribute_cmd(
     """Build one attribution graph per step of every record and save them."""
     from tqdm.auto import tqdm
 
-    from crv.attribution.attributor import Attributor
     from crv.attribution.engine import AttributionConfig
     from crv.attribution.export import write_circuit_tracer_files
     from crv.tasks.schema import read_records
@@ -171,7 +231,7 @@ def attribute_cmd(
     recs = read_records(records)
     if limit:
         recs = recs[:limit]
-    att = Attributor.load(model, transcoders, AttributionConfig(max_feature_nodes=max_feature_nodes or None))
+    att = _attributor(model, transcoders, AttributionConfig(max_feature_nodes=max_feature_nodes or None), prompt_format)
     n = 0
     for rec in tqdm(recs, desc="attribute", unit="trace"):
         for g in att.iter_step_graphs(rec):
@@ -192,7 +252,8 @@ def evaluate_cmd(
     seed: int = typer.Option(11, help="Problem seed (without --data)."),
     run_dir: Path = typer.Option(Path("runs/evaluate"), help="Report, step table and classifiers go here."),
     graph_dir: Optional[Path] = typer.Option(None, help="Graph cache (default: graphs/<run-dir name>)."),
-    model: Optional[Path] = typer.Option(None, help="Local Llama directory (default: the shipped reasoner)."),
+    model: Optional[Path] = typer.Option(None, help="Model directory (default: the shipped reasoner; `crv import-model` makes one from GGUF / HF)."),
+    prompt_format: Optional[str] = typer.Option(None, help="Prompt format: plain or chat (default: the model's own)."),
     transcoders: Optional[Path] = typer.Option(None, help="Transcoder directory (default: the shipped set)."),
     max_feature_nodes: int = typer.Option(4096, help="Feature-node cap of the graphs (0: uncapped)."),
     step_target: str = typer.Option("last", help="Where a step's graph is computed: last (paper), result, uncertain."),
@@ -208,7 +269,6 @@ def evaluate_cmd(
     """Evaluate CRV against the baselines on a labelled CoT dataset (AUROC / AUPR / FPR@95, ablation, transfer)."""
     import torch
 
-    from crv.attribution.attributor import Attributor
     from crv.attribution.engine import AttributionConfig
     from crv.evaluate.methods import EvalConfig
     from crv.evaluate.pipeline import run_evaluation
@@ -229,11 +289,11 @@ def evaluate_cmd(
               else LocalExecutor())
     if threads:
         torch.set_num_threads(threads)
-    att = Attributor.load(model, transcoders, AttributionConfig(max_feature_nodes=max_feature_nodes or None))
+    att = _attributor(model, transcoders, AttributionConfig(max_feature_nodes=max_feature_nodes or None), prompt_format)
     if data:
         records = [r for path in data for r in read_records(path)]
     else:
-        records = generate_records(att.model, att.tokenizer, _problems(task, n, count, seed))
+        records = generate_records(att.model, att.encoder, _problems(task, n, count, seed))
         write_records(records, run_dir / "records.jsonl")
     results = run_evaluation(records, att, run_dir, graph_dir or Path("graphs") / run_dir.name,
                              EvalConfig(test_fraction=test_fraction, n_boot=n_boot,
@@ -287,7 +347,8 @@ def intervene_cmd(
     data: list[Path] = typer.Option(..., help="Labelled JSONL record file(s) (arith / bool)."),
     classifier: Optional[Path] = typer.Option(None, help="Verifier (<path>.xgb.json + <path>.meta.json; default: the shipped one)."),
     run_dir: Path = typer.Option(Path("runs/interventions"), help="interventions.json / .md go here."),
-    model: Optional[Path] = typer.Option(None, help="Local Llama directory (default: the shipped reasoner)."),
+    model: Optional[Path] = typer.Option(None, help="Model directory (default: the shipped reasoner; `crv import-model` makes one from GGUF / HF)."),
+    prompt_format: Optional[str] = typer.Option(None, help="Prompt format: plain or chat (default: the model's own)."),
     transcoders: Optional[Path] = typer.Option(None, help="Transcoder directory (default: the shipped set)."),
     max_feature_nodes: Optional[int] = typer.Option(None, help="Feature-node cap of the graphs (default: the verifier's training setting)."),
     k: int = typer.Option(3, help="Features edited per arm."),
@@ -303,7 +364,6 @@ def intervene_cmd(
     """Correct flagged faulty steps by editing the features their graph rests on, against random-feature controls."""
     import torch
 
-    from crv.attribution.attributor import Attributor
     from crv.attribution.engine import AttributionConfig
     from crv.classify.model import DEFAULT_CLASSIFIER, StepClassifier
     from crv.interventions.experiment import InterventionConfig, format_example, markdown, run_experiment, write_results
@@ -320,7 +380,7 @@ def intervene_cmd(
     records = [r for path in data for r in read_records(path)]
     if max_feature_nodes is None:
         max_feature_nodes = clf.meta.get("provenance", {}).get("attribution", {}).get("max_feature_nodes", 1024)
-    att = Attributor.load(model, transcoders, AttributionConfig(max_feature_nodes=max_feature_nodes or None))
+    att = _attributor(model, transcoders, AttributionConfig(max_feature_nodes=max_feature_nodes or None), prompt_format)
     results = run_experiment(att, clf, records, cfg)
     files = write_results(results, run_dir, "crv " + " ".join(sys.argv[1:]))
     typer.echo("\n" + markdown(results))
@@ -334,7 +394,8 @@ def intervene_cmd(
 def serve_cmd(
     host: str = typer.Option("127.0.0.1", help="Address to listen on (beyond loopback an API key is required)."),
     port: int = typer.Option(8000),
-    model: Optional[Path] = typer.Option(None, help="Local Llama directory (default: the shipped reasoner)."),
+    model: Optional[Path] = typer.Option(None, help="Model directory (default: the shipped reasoner; `crv import-model` makes one from GGUF / HF)."),
+    prompt_format: Optional[str] = typer.Option(None, help="Prompt format: plain or chat (default: the model's own)."),
     transcoders: Optional[Path] = typer.Option(None, help="Transcoder directory (default: the shipped set)."),
     classifier: Optional[Path] = typer.Option(None, help="Verifier (default: the shipped one)."),
     threshold: float = typer.Option(0.5, help="p_faulty at or above which a step is flagged."),
@@ -356,7 +417,7 @@ def serve_cmd(
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--host") from e
     torch.set_num_threads(1)  # the model runs on its own thread (with `threads`); see crv/api/app.py
-    verifier = Verifier.load(model, transcoders, classifier, threshold)
+    verifier = _load(lambda: Verifier.load(model, transcoders, classifier, threshold, prompt_format))
     typer.echo(f"crv serve: {verifier.att.model_id}, classifier {verifier.classifier_id}; http://{host}:{port}/ (docs at /docs)")
     uvicorn.run(create_app(verifier, ServiceSettings(max_queue=max_queue, api_key=key, torch_threads=threads)), host=host, port=port, log_level="warning")
 
@@ -423,16 +484,16 @@ def demo_cmd(
 
     from crv.classify.model import DEFAULT_CLASSIFIER, StepClassifier
     from crv.interventions.experiment import InterventionConfig, format_example, markdown, run_experiment, write_results
-    from crv.reasoner.model import DEFAULT_REASONER_DIR
+    from crv.lm.load import DEFAULT_MODEL_DIR
     from crv.tasks.schema import write_records
     from crv.tasks.stats import format_table, summarize_by
 
     torch.set_num_threads(threads)
     att = Attributor.load(config=AttributionConfig(max_feature_nodes=max_feature_nodes))
-    typer.echo(f"reasoner: {DEFAULT_REASONER_DIR} ({sum(p.numel() for p in att.model.parameters()):,} parameters)")
+    typer.echo(f"reasoner: {DEFAULT_MODEL_DIR} ({sum(p.numel() for p in att.model.parameters()):,} parameters)")
     # boolean errors are rare with the shipped reasoner (first-error rate ~5% at n=10), so few boolean traces
     problems = _problems(["arith"], [5, 7, 10], count, seed) + _problems(["bool"], [10], max(1, count // 2), seed)
-    records = generate_records(att.model, att.tokenizer, problems)
+    records = generate_records(att.model, att.encoder, problems)
     write_records(records, out_dir / "records.jsonl")
     example = next((r for r in records if 0 in r.labels), None)
     if example is not None:

@@ -3,11 +3,13 @@
 import pytest
 import torch
 
+from crv.lm.encode import TraceEncoder
+from crv.lm.prompt import PlainFormat
 from crv.attribution.engine import AttributionConfig, TraceAttribution, salient_logits
 from crv.attribution.graph import Graph
 from crv.attribution.prune import edge_influence, node_influence, prune, threshold_for
-from crv.reasoner.model import load_reasoner
-from crv.reasoner.tokenizer import encode_text
+from crv.lm.load import load_model
+from crv.lm.encode import encode_text
 from crv.transcoders.io import load_transcoders
 from crv.transcoders.train import TranscoderTrainConfig, train_transcoders
 
@@ -16,10 +18,10 @@ TEXT = "Q: (3+4)*2\n3+4=7 => 7*2\n7*2=14 => 14\nA: 14\n"
 
 @pytest.fixture(scope="module")
 def setup(tiny_reasoner_dir, tmp_path_factory):
-    model, tok = load_reasoner(tiny_reasoner_dir)
+    model, tok = load_model(tiny_reasoner_dir)
     out = tmp_path_factory.mktemp("tc")
     cfg = TranscoderTrainConfig(expansion=4, k=4, steps=30, batch_tokens=256, buffer_tokens=2048, dead_tokens=4000, warmup=5)
-    train_transcoders(model, tok, cfg, out, progress=False)
+    train_transcoders(model, TraceEncoder(tok, PlainFormat()), cfg, out, progress=False)
     ids = torch.tensor(encode_text(tok, TEXT))
     return model, load_transcoders(out, model=model), ids
 

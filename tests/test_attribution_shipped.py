@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from crv.attribution.attributor import Attributor, step_position, trace_text
+from crv.attribution.attributor import Attributor
 from crv.attribution.checks import completeness
 from crv.attribution.engine import AttributionConfig, TraceAttribution
 from crv.tasks.cot import generate_problems
@@ -22,8 +22,7 @@ def record():
 
 
 def test_shipped_rows_are_complete(att, record):
-    text, _ = trace_text(record)
-    c = completeness(att.trace(text))
+    c = completeness(att.trace(att.encode_record(record).ids))
     assert c.n_features > 100 and c.n_logits >= 1
     assert c.feature_rel_error <= 1e-4
     assert c.logit_rel_error <= 1e-4
@@ -32,12 +31,12 @@ def test_shipped_rows_are_complete(att, record):
 def test_shipped_step_graphs_equal_prefix_graphs(att, record):
     graphs = att.step_graphs(record)
     assert len(graphs) == len(record.steps)
-    text, ends = trace_text(record)
-    ids = att.encode(text)
+    enc = att.encode_record(record)
+    ids = enc.ids
     cfg = AttributionConfig(max_feature_nodes=300)
     tr = TraceAttribution(att.model, att.transcoders, ids, cfg)
-    for k, end in enumerate(ends):
-        pos = step_position(end)
+    for k in range(len(record.steps)):
+        pos = enc.last(k)
         assert att.tokenizer.decode([int(ids[pos])]) == record.steps[k][-1]
         assert att.tokenizer.decode([int(ids[pos + 1])]) == "\n"
         assert graphs[k].meta["step_index"] == k and graphs[k].n_pos == pos + 1
@@ -51,12 +50,12 @@ def test_shipped_step_graphs_equal_prefix_graphs(att, record):
 def test_same_graph_as_circuit_tracer(att, record):
     pytest.importorskip("circuit_tracer", reason="peer extra not installed (pip install -e '.[peer]')")
     from crv.attribution.peer import CircuitTracerPeer, compare_graphs
-    from crv.reasoner.model import DEFAULT_REASONER_DIR
+    from crv.lm.load import DEFAULT_MODEL_DIR
     from crv.transcoders.io import DEFAULT_TRANSCODER_DIR
 
-    peer = CircuitTracerPeer.load(DEFAULT_REASONER_DIR, DEFAULT_TRANSCODER_DIR)
-    text, ends = trace_text(record)
-    ids = att.encode(text)[: step_position(ends[0]) + 1]  # the first step's graph
+    peer = CircuitTracerPeer.load(DEFAULT_MODEL_DIR, DEFAULT_TRANSCODER_DIR)
+    enc = att.encode_record(record)
+    ids = enc.ids[: enc.last(0) + 1]  # the first step's graph
     for cap in (None, 200):
         cfg = AttributionConfig(max_feature_nodes=cap)
         mine = TraceAttribution(att.model, att.transcoders, ids, cfg).graph()

@@ -16,7 +16,7 @@ from crv.fingerprint.features import fingerprint
 from crv.interventions import EditWindow, FeatureEdit, feature_patch, intervene, regenerate
 from crv.interventions.experiment import InterventionConfig, run_experiment, write_results
 from crv.interventions.select import candidates, logit_effects, wrong_result_offset
-from crv.reasoner.tokenizer import encode_text
+from crv.lm.encode import encode_text
 from crv.reasoner.generate import generate_records
 from crv.tasks.cot import generate_problems
 from crv.tasks.label import label_output
@@ -79,31 +79,31 @@ def test_intervene_returns_and_leaves_the_model_as_it_was(att):
     rec = faulty_record()
     ids = torch.tensor([encode_text(att.tokenizer, "Q: " + rec.question + "\n")])
     before = att.model(input_ids=ids).logits.detach()
-    out = intervene(att.model, att.tokenizer, att.transcoders, rec, 1, [(0, 3), (2, 7)], mode="clamp")
+    out = intervene(att.model, att.encoder, att.transcoders, rec, 1, [(0, 3), (2, 7)], mode="clamp")
     assert out.record.problem_id == rec.problem_id and out.continuation
     assert out.record.steps[0] == rec.steps[0]  # steps before the edited one are kept
     torch.testing.assert_close(att.model(input_ids=ids).logits.detach(), before, rtol=0, atol=0)
     # with no edits, regeneration reproduces the model's own greedy output for a correct prefix
-    plain = regenerate(att.model, att.tokenizer, att.transcoders, rec, 1)
+    plain = regenerate(att.model, att.encoder, att.transcoders, rec, 1)
     assert plain.edits == [] and isinstance(plain.step_correct, bool)
 
 
 def test_invalid_requests_get_clear_errors(att):
     rec = faulty_record()
     with pytest.raises(ValueError, match="step index 7 out of range"):
-        intervene(att.model, att.tokenizer, att.transcoders, rec, 7, [(0, 1)])
+        intervene(att.model, att.encoder, att.transcoders, rec, 7, [(0, 1)])
     with pytest.raises(ValueError, match="layer 9 out of range"):
-        intervene(att.model, att.tokenizer, att.transcoders, rec, 0, [(9, 1)])
+        intervene(att.model, att.encoder, att.transcoders, rec, 0, [(9, 1)])
     with pytest.raises(ValueError, match="feature id .* out of range"):
-        intervene(att.model, att.tokenizer, att.transcoders, rec, 0, [(0, 10**7)])
+        intervene(att.model, att.encoder, att.transcoders, rec, 0, [(0, 10**7)])
     with pytest.raises(ValueError, match="unknown intervention mode"):
-        intervene(att.model, att.tokenizer, att.transcoders, rec, 0, [(0, 1)], mode="boost")
+        intervene(att.model, att.encoder, att.transcoders, rec, 0, [(0, 1)], mode="boost")
     with pytest.raises(ValueError, match="no features"):
-        intervene(att.model, att.tokenizer, att.transcoders, rec, 0, [])
+        intervene(att.model, att.encoder, att.transcoders, rec, 0, [])
     with pytest.raises(ValueError, match="position 2 is not inside step 1"):
-        intervene(att.model, att.tokenizer, att.transcoders, rec, 1, [(0, 1)], positions=2)
+        intervene(att.model, att.encoder, att.transcoders, rec, 1, [(0, 1)], positions=2)
     with pytest.raises(ValueError, match="unknown positions"):
-        intervene(att.model, att.tokenizer, att.transcoders, rec, 1, [(0, 1)], positions="everywhere")
+        intervene(att.model, att.encoder, att.transcoders, rec, 1, [(0, 1)], positions="everywhere")
     with pytest.raises(ValueError, match="unknown positions"):
         InterventionConfig(positions="everywhere")
 
@@ -111,31 +111,27 @@ def test_invalid_requests_get_clear_errors(att):
 def test_candidates_follow_the_graph(att):
     rec = faulty_record()
     assert wrong_result_offset(rec.steps[1], "arith") is not None and wrong_result_offset(rec.steps[0], "arith") is None
-    from crv.attribution.attributor import trace_text
-
-    text, ends = trace_text(rec)
-    tr = att.trace(text)
-    g = tr.graph(pos=ends[1] - 3)
+    tr, enc = att.trace_record(rec)
+    g = tr.graph(pos=enc.last(1) - 3)
     effects = logit_effects(g)
     # a feature's direct edge to the logit is part of its total effect; tokens reach the logit
     assert effects.shape == (g.n_nodes,) and effects[g.n_features + g.n_errors : g.n_features + g.n_errors + g.n_pos].abs().sum() > 0
-    cands = candidates(g, ends[1] - len(rec.steps[1]))
+    cands = candidates(g, enc.spans[1][0] - 1)
     assert cands and all(a.effect >= b.effect for a, b in zip(cands, cands[1:]))
 
 
 def test_experiment_table_with_controls(att, tmp_path):
     # the reasoner's own mistakes (n = 10: about a quarter of the traces have one) and a verifier trained in the test
-    recs = generate_records(att.model, att.tokenizer, generate_problems("arith", 10, 8, seed=100), progress=False)
+    recs = generate_records(att.model, att.encoder, generate_problems("arith", 10, 8, seed=100), progress=False)
     n_faulty = sum(r.labels[-1] == 0 for r in recs)
     assert 2 <= n_faulty < len(recs)
-    from crv.attribution.attributor import step_target, trace_text
+    from crv.attribution.attributor import step_position
 
     rows = []
     for r in recs:
-        text, ends = trace_text(r)
-        tr = att.trace(text)
-        for k, end in enumerate(ends):
-            rows.append({**fingerprint(tr.graph(pos=step_target(r.steps[k], end, "last"))), "faulty": int(r.labels[k] == 0)})
+        tr, enc = att.trace_record(r)
+        for k in range(len(r.steps)):
+            rows.append({**fingerprint(tr.graph(pos=step_position(enc, k, "last"))), "faulty": int(r.labels[k] == 0)})
     table = pd.DataFrame(rows)
     clf = StepClassifier().fit(table.drop(columns="faulty"), table["faulty"].to_numpy())
     cfg = InterventionConfig(k=2, threshold=0.0, harm_steps=2, seed=0)

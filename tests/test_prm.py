@@ -5,10 +5,12 @@ import pandas as pd
 import pytest
 import torch
 
+from crv.lm.encode import TraceEncoder
+from crv.lm.prompt import PlainFormat
 from crv.classify.metrics import auroc
 from crv.evaluate.methods import EvalConfig, TextInputs, score_prms, split
 from crv.evaluate.prm import PRMConfig, ProcessRewardModel, last_token_states
-from crv.reasoner.model import load_reasoner
+from crv.lm.load import load_model
 from crv.tasks.cot import generate_problems
 from crv.tasks.label import label_output
 
@@ -32,7 +34,7 @@ def records(count: int, seed: int):
 
 @pytest.fixture(scope="module")
 def reasoner():
-    return load_reasoner()
+    return load_model()
 
 
 def test_finetuned_prm_learns_from_the_text(reasoner):
@@ -40,7 +42,7 @@ def test_finetuned_prm_learns_from_the_text(reasoner):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     train, test = records(160, seed=1), records(40, seed=2)
     assert {r.problem_id for r in train}.isdisjoint(r.problem_id for r in test)
-    prm = ProcessRewardModel(model, tok, PRMConfig(epochs=8)).fit(train)
+    prm = ProcessRewardModel(model, TraceEncoder(tok, PlainFormat()), PRMConfig(epochs=8)).fit(train)
     assert prm.losses_[-1] < prm.losses_[0]
     scores = prm.score(test)
     y = np.array([int(lab == 0) for r in test for lab in r.labels])
@@ -52,7 +54,7 @@ def test_finetuned_prm_learns_from_the_text(reasoner):
 
 def test_prm_errors(reasoner):
     model, tok = reasoner
-    prm = ProcessRewardModel(model, tok)
+    prm = ProcessRewardModel(model, TraceEncoder(tok, PlainFormat()))
     with pytest.raises(RuntimeError, match="fit"):
         prm.score(records(2, seed=3))
     correct_only = [r for r in records(6, seed=3) if 0 not in r.labels]
@@ -63,17 +65,18 @@ def test_prm_errors(reasoner):
 def test_last_token_states_match_a_forward_pass(reasoner):
     model, tok = reasoner
     recs = records(2, seed=4)
-    states = last_token_states(model, tok, recs)
+    enc = TraceEncoder(tok, PlainFormat())
+    states = last_token_states(model, enc, recs)
     L, d = model.config.num_hidden_layers + 1, model.config.hidden_size
     assert states.shape == (sum(len(r.steps) for r in recs), L * d)
-    from crv.attribution.attributor import step_position, trace_text
-    from crv.reasoner.tokenizer import encode_text
-
-    text, ends = trace_text(recs[1])
+    trace = enc.encode_record(recs[1])
+    assert trace.ids.tolist()[1:] == [tok.convert_tokens_to_ids(c) for c in trace.text]  # one token per character
     with torch.no_grad():
-        hs = model(input_ids=torch.tensor([encode_text(tok, text)]), output_hidden_states=True).hidden_states
-    last = hs[L - 1][0, step_position(ends[-1])].numpy()
-    row = states.loc[(recs[1].problem_id, len(ends) - 1)]
+        hs = model(input_ids=trace.ids[None], output_hidden_states=True).hidden_states
+    k = len(recs[1].steps) - 1
+    last = hs[L - 1][0, trace.last(k)].numpy()
+    assert trace.text[trace.last(k) - 1] == recs[1].steps[k][-1] and trace.text[trace.last(k)] == "\n"
+    row = states.loc[(recs[1].problem_id, k)]
     np.testing.assert_allclose(row[[f"last{L - 1}.{i}" for i in range(d)]].to_numpy(), last, rtol=1e-5, atol=1e-5)
 
 
@@ -95,7 +98,7 @@ def test_prms_train_on_the_training_problems_only(reasoner, monkeypatch):
         return fit(self, records, progress)
 
     monkeypatch.setattr(ProcessRewardModel, "fit", spy)
-    scores, chosen = score_prms(train, test, cfg, TextInputs(model, tok, {r.problem_id: r for r in recs}))
+    scores, chosen = score_prms(train, test, cfg, TextInputs(model, TraceEncoder(tok, PlainFormat()), {r.problem_id: r for r in recs}))
     assert len(seen) == 1 + 2  # the PRM and one per cross-fitting fold
     assert seen[0] == set(train["problem_id"])
     assert all(s < seen[0] for s in seen[1:]) and set.union(*seen[1:]) == seen[0]

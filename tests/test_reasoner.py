@@ -1,8 +1,10 @@
 """A tiny reasoner trained inside the test, and the shipped one."""
 
 import pytest
+from crv.lm.encode import TraceEncoder
+from crv.lm.prompt import PlainFormat
 from crv.reasoner.generate import GenerationConfig, complete, generate_records
-from crv.reasoner.model import DEFAULT_REASONER_DIR, load_reasoner
+from crv.lm.load import DEFAULT_MODEL_DIR, load_model
 from crv.tasks.cot import Problem, generate_problems
 from crv.tasks.schema import read_records, write_records
 
@@ -21,33 +23,36 @@ def test_tiny_training_lowers_loss(tiny):
 
 def test_tiny_reasoner_generates_valid_records(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    model, tok = load_reasoner(tiny)
+    model, tok = load_model(tiny)
     problems = generate_problems("arith", 2, 6, seed=0) + generate_problems("bool", 2, 6, seed=0)
-    records = generate_records(model, tok, problems, GenerationConfig(batch_size=4), progress=False)
+    enc = TraceEncoder(tok, PlainFormat())
+    records = generate_records(model, enc, problems, GenerationConfig(batch_size=4), progress=False)
     assert [r.problem_id for r in records] == [p.problem_id for p in problems]
     path = tmp_path / "r.jsonl"
     write_records(records, path)
     assert read_records(path) == records  # every record passes schema validation
     # batching must not change greedy output
-    single = complete(model, tok, [problems[0].prompt], 40)[0]
-    batched = complete(model, tok, [problems[0].prompt, problems[7].prompt], 40)[0]
+    prompts = [enc.prefix(p.task, p.question, []) for p in (problems[0], problems[7])]
+    single = complete(model, enc, prompts[:1], 40)[0]
+    batched = complete(model, enc, prompts, 40)[0]
     assert single == batched
 
 
 def test_prompt_longer_than_context_is_refused(tiny):
-    model, tok = load_reasoner(tiny)
+    model, tok = load_model(tiny)
     with pytest.raises(ValueError, match="does not fit"):
-        complete(model, tok, ["Q: " + "1+" * 200 + "1\n"], 10)
+        enc = TraceEncoder(tok, PlainFormat())
+        complete(model, enc, [enc.prefix("arith", "1+" * 200 + "1", [])], 10)
 
 
 def test_shipped_reasoner_loads_offline_and_solves_easy_problems(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    model, tok = load_reasoner()  # models/reasoner
-    assert DEFAULT_REASONER_DIR.joinpath("model.safetensors").is_file()
+    model, tok = load_model()  # models/reasoner
+    assert DEFAULT_MODEL_DIR.joinpath("model.safetensors").is_file()
     assert tok.bos_token_id != 0
     easy = [Problem("e1", "arith", 1, "3+4", "7"), Problem("e2", "bool", 1, "True and False", "False"),
             Problem("e3", "arith", 2, "(2*3)+1", "7")]
-    records = generate_records(model, tok, easy, progress=False)
+    records = generate_records(model, TraceEncoder(tok, PlainFormat()), easy, progress=False)
     for r in records:
         assert r.solved and r.labels == [1] * len(r.labels) and len(r.labels) == r.n, r
 

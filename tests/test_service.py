@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from crv.api.app import ServiceSettings, check_bind, create_app
-from crv.attribution.attributor import compose_trace, step_target
+from crv.attribution.attributor import step_position
 from crv.cli import app as cli
 from crv.fingerprint.features import fingerprint
 
@@ -37,9 +37,9 @@ def test_verify_answers_per_step(verifier):
         assert all(0 <= e["source"] < len(g["nodes"]) and 0 <= e["target"] < len(g["nodes"]) for e in g["edges"])
         assert {n["kind"] for n in g["nodes"]} >= {"token", "logit", "feature"}
     # the same fingerprint as the offline pipeline computes for that step
-    text, ends = compose_trace(FAULTY["question"], FAULTY["steps"])
-    tr = verifier.att.trace(text)
-    offline = fingerprint(tr.graph(pos=step_target(FAULTY["steps"][2], ends[2], "last")))
+    enc = verifier.att.encoder.encode("arith", FAULTY["question"], FAULTY["steps"])
+    tr = verifier.att.trace(enc.ids)
+    offline = fingerprint(tr.graph(pos=step_position(enc, 2, "last")))
     assert steps[2]["fingerprint"] == pytest.approx(offline, rel=1e-6, abs=1e-9)
     # free text gives the same verdicts as the list of steps
     r2 = client.post("/v1/verify", json={"task": "arith", "question": FAULTY["question"],

@@ -1,7 +1,9 @@
 import pytest
 from transformers import AutoTokenizer
 
-from crv.reasoner.tokenizer import UnknownCharacterError, build_tokenizer, encode_text, load_tokenizer
+from crv.lm.encode import UnknownCharacterError, encode_text
+from crv.lm.load import load_tokenizer
+from crv.reasoner.tokenizer import build_tokenizer
 
 TEXT = "Q: (3+4)*-(2)\n3+4=7 => 7*-(2)\nnot (True and False) or x?\n"
 

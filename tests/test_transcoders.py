@@ -4,8 +4,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from crv.reasoner.model import load_reasoner
-from crv.transcoders.activations import cot_texts, encode_batch
+from crv.lm.encode import TraceEncoder
+from crv.lm.prompt import PlainFormat
+from crv.lm.load import load_model
+from crv.transcoders.activations import cot_sequences, encode_batch
 from crv.transcoders.io import DEFAULT_TRANSCODER_DIR, TranscoderLoadError, load_transcoders, save_transcoders
 from crv.transcoders.metrics import layer_quality, replaced_mlps
 from crv.transcoders.train import TranscoderTrainConfig, resample_dead, train_transcoders
@@ -76,16 +78,17 @@ def test_loader_rejects_missing_layers_and_wrong_shapes(tmp_path):
 
 
 def test_tiny_transcoders_learn(tiny_reasoner_dir, tmp_path):
-    model, tok = load_reasoner(tiny_reasoner_dir)
+    model, tok = load_model(tiny_reasoner_dir)
     cfg = TranscoderTrainConfig(expansion=4, k=4, steps=40, batch_tokens=256, buffer_tokens=2048, dead_tokens=4000, warmup=5)
-    texts = cot_texts(random.Random(123), 16, n_max=3)
+    enc = TraceEncoder(tok, PlainFormat())
+    texts = cot_sequences(enc, random.Random(123), 16, n_max=3)
     out = tmp_path / "tc"
-    train_transcoders(model, tok, cfg, out, progress=False)
+    train_transcoders(model, enc, cfg, out, progress=False)
     trained = load_transcoders(out, model=model)
-    fvu_trained = [q.fvu for q in layer_quality(model, tok, trained, texts)]
+    fvu_trained = [q.fvu for q in layer_quality(model, trained, texts, tok.pad_token_id)]
     short = tmp_path / "short"
-    train_transcoders(model, tok, TranscoderTrainConfig(**{**cfg.__dict__, "steps": 2}), short, progress=False)
-    fvu_short = [q.fvu for q in layer_quality(model, tok, load_transcoders(short, model=model), texts)]
+    train_transcoders(model, enc, TranscoderTrainConfig(**{**cfg.__dict__, "steps": 2}), short, progress=False)
+    fvu_short = [q.fvu for q in layer_quality(model, load_transcoders(short, model=model), texts, tok.pad_token_id)]
     assert all(a < 0.7 * b for a, b in zip(fvu_trained, fvu_short)), (fvu_trained, fvu_short)
 
 
@@ -109,8 +112,8 @@ def test_resampling_revives_dead_features():
 
 
 def test_replacement_hooks_are_removed(tiny_reasoner_dir, tmp_path):
-    model, tok = load_reasoner(tiny_reasoner_dir)
-    ids, _ = encode_batch(tok, ["Q: 1+2\n"])
+    model, tok = load_model(tiny_reasoner_dir)
+    ids, _ = encode_batch([TraceEncoder(tok, PlainFormat()).prefix("arith", "1+2", [])], tok.pad_token_id)
     before = model(input_ids=ids).logits
     shape = TranscoderShape(32, 64, 4)
     ts = [TopKTranscoder(shape, i) for i in range(2)]
@@ -124,10 +127,27 @@ def test_replacement_hooks_are_removed(tiny_reasoner_dir, tmp_path):
 
 
 def test_shipped_transcoders_meet_targets():
-    model, tok = load_reasoner()
+    model, tok = load_model()
     ts = load_transcoders(DEFAULT_TRANSCODER_DIR, model=model)
-    texts = cot_texts(random.Random(99), 120)  # ~30k tokens: fewer would call rare features dead
-    for q in layer_quality(model, tok, ts, texts):
+    texts = cot_sequences(TraceEncoder(tok, PlainFormat()), random.Random(99), 120)  # ~30k tokens: fewer would call rare features dead
+    for q in layer_quality(model, ts, texts, tok.pad_token_id):
         assert q.fvu <= 0.10, q
         assert q.dead_fraction <= 0.10, q
         assert q.l0 <= ts.shape.k
+
+
+def test_a_shared_prompt_is_run_once_and_counted_once(tiny_reasoner_dir):
+    """counted_mlp_io (shared prefix through the KV cache) gives the same activations as full forwards."""
+    from crv.transcoders.activations import counted_mlp_io, mlp_io
+
+    model, tok = load_model(tiny_reasoner_dir)
+    enc = TraceEncoder(tok, PlainFormat())
+    shared = "(1+2)*(3-4)+(5*6)-7"
+    seqs = [enc.prefix("arith", shared + tail, []) for tail in ("+1", "*2-3", "-(4)")]
+    ids, mask = encode_batch(seqs, tok.pad_token_id)
+    n_shared = len(enc.prefix("arith", shared, [])) - 1  # the newline differs
+    assert int(mask.sum()) == sum(len(s) for s in seqs) - 1 - 2 * n_shared  # position 0 never, the prefix once
+    x, y = counted_mlp_io(model, seqs, tok.pad_token_id)
+    xr, yr = mlp_io(model, ids)
+    torch.testing.assert_close(x, xr[:, mask], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(y, yr[:, mask], rtol=1e-4, atol=1e-4)

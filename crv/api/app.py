@@ -32,7 +32,7 @@ from fastapi.staticfiles import StaticFiles
 from crv.api.schemas import (InterveneRequest, InterveneResponse, Problem, StepResult, TopFeature, VerifyRequest,
                              VerifyResponse)
 from crv.api.verifier import StepFormatError, Verifier, split_text
-from crv.reasoner.tokenizer import UnknownCharacterError, unknown_chars
+from crv.lm.encode import UnknownCharacterError
 
 STATIC = Path(__file__).parent / "static"
 API_KEY_ENV = "CRV_API_KEY"
@@ -126,18 +126,18 @@ def create_app(verifier: Verifier, settings: ServiceSettings = ServiceSettings()
             msgs.append(f"{where}: {e.get('msg')}" if where else str(e.get("msg")))
         return JSONResponse({"detail": "; ".join(msgs) or "invalid request"}, 422)
 
-    def check_size(question: str, steps: list[str]) -> None:
+    def check_size(task: str, question: str, steps: list[str]) -> None:
         if len(steps) > settings.max_steps:
             raise HTTPException(413, f"{len(steps)} steps: over the limit of {settings.max_steps} steps")
         chars = len(question) + sum(len(s) for s in steps)
         if chars > settings.max_chars:
             raise HTTPException(413, f"{chars} characters: over the limit of {settings.max_chars} characters")
-        tokens = verifier.n_tokens(question, steps)
+        try:
+            tokens = verifier.n_tokens(task, question, steps)
+        except (StepFormatError, UnknownCharacterError, ValueError) as e:
+            raise HTTPException(422, str(e)) from e
         if tokens > max_tokens:
             raise HTTPException(413, f"{tokens} tokens: over the limit of {max_tokens} tokens")
-        bad = unknown_chars(verifier.att.tokenizer, question + "".join(steps))
-        if bad:
-            raise HTTPException(422, str(UnknownCharacterError(bad)))
 
     @app.get("/healthz")
     async def healthz() -> dict:
@@ -154,7 +154,7 @@ def create_app(verifier: Verifier, settings: ServiceSettings = ServiceSettings()
         steps = req.steps if req.steps is not None else split_text(req.text or "")
         if not steps:
             raise HTTPException(422, "no steps to verify")
-        check_size(req.question, steps)
+        check_size(req.task, req.question, steps)
         start = time.perf_counter()
         try:
             verdicts = await queue.run(lambda: verifier.verify(req.task, req.question, steps, req.include_graph),
@@ -171,7 +171,7 @@ def create_app(verifier: Verifier, settings: ServiceSettings = ServiceSettings()
     async def intervene(req: InterveneRequest) -> InterveneResponse:
         from crv.api.intervene import run_intervention
 
-        check_size(req.question, req.steps)
+        check_size(req.task, req.question, req.steps)
         try:
             return await queue.run(lambda: run_intervention(verifier, req), settings.retry_after_s)
         except (StepFormatError, UnknownCharacterError, ValueError) as e:

@@ -45,7 +45,7 @@ def run_intervention(verifier: Verifier, req: InterveneRequest) -> InterveneResp
         where: int | str = sug.position
     else:
         features, where = [(int(l), int(f)) for l, f in req.features], "step"
-    out = intervene(verifier.att.model, verifier.att.tokenizer, verifier.att.transcoders, record, req.step_index,
+    out = intervene(verifier.att.model, verifier.att.encoder, verifier.att.transcoders, record, req.step_index,
                     features, req.mode, value, where)
     return InterveneResponse(
         step_index=req.step_index, features=features, mode=req.mode, value=value, position=where,

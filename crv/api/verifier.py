@@ -18,13 +18,14 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from crv.attribution.attributor import Attributor, compose_trace, step_target
+from crv.attribution.attributor import Attributor, step_position
 from crv.attribution.engine import AttributionConfig
 from crv.attribution.graph import Graph
 from crv.attribution.prune import Pruned, prune
 from crv.classify.model import DEFAULT_CLASSIFIER, StepClassifier
 from crv.fingerprint.features import fingerprint_summary
 from crv.fingerprint.summary import summarize
+from crv.lm.encode import EncodedTrace
 from crv.tasks.cot import ANSWER_PREFIX
 
 
@@ -86,12 +87,14 @@ class Verifier:
 
     @classmethod
     def load(cls, model_dir: str | Path | None = None, transcoder_dir: str | Path | None = None,
-             classifier: str | Path | None = None, threshold: float = 0.5) -> "Verifier":
+             classifier: str | Path | None = None, threshold: float = 0.5, prompt_format: str | None = None,
+             device: str = "cpu") -> "Verifier":
         """Load everything once; the graph settings are the ones the classifier was trained with."""
         path = Path(classifier) if classifier is not None else DEFAULT_CLASSIFIER
         clf = StepClassifier.load(path)
         prov = clf.meta.get("provenance", {}).get("attribution", {})
-        att = Attributor.load(model_dir, transcoder_dir, AttributionConfig(max_feature_nodes=prov.get("max_feature_nodes", 1024)))
+        att = Attributor.load(model_dir, transcoder_dir, AttributionConfig(max_feature_nodes=prov.get("max_feature_nodes", 1024)),
+                             device=device, prompt_format=prompt_format)
         cid = _file_checksum(path.with_name(path.name + ".xgb.json"), path.with_name(path.name + ".meta.json"))
         return cls(att, clf, threshold, prov.get("step_target", "last"), classifier_id=f"{path.name}@{cid}")
 
@@ -101,18 +104,17 @@ class Verifier:
 
         return {
             "crv": version("crv"), "model": self.att.model_id, "transcoders": self.att.transcoders.checksum(),
-            "classifier": self.classifier_id, "threshold": self.threshold, "step_target": self.target,
+            "prompt_format": self.att.prompt_format, "classifier": self.classifier_id, "threshold": self.threshold, "step_target": self.target,
             "attribution": dataclasses.asdict(self.att.config),
             "trained_on": self.classifier.meta.get("provenance", {}).get("tasks"),
         }
 
-    def n_tokens(self, question: str, steps: Sequence[str]) -> int:
-        """Tokens of the trace (BOS included), as the model reads it."""
-        return len(compose_trace(question, steps)[0]) + 1
+    def n_tokens(self, task: str, question: str, steps: Sequence[str]) -> int:
+        """Tokens of the trace as the model reads it (prompt format and specials included)."""
+        return self.encode(task, question, steps).n_tokens
 
-    @torch.no_grad()
-    def verify(self, task: str, question: str, steps: Sequence[str], include_graph: bool = False) -> list[StepVerdict]:
-        """Verdicts for every step; all share one forward pass and one row cache."""
+    def encode(self, task: str, question: str, steps: Sequence[str]) -> EncodedTrace:
+        """The request's trace in the model's prompt format, with step token spans."""
         if not steps:
             raise StepFormatError("no steps to verify")
         for i, s in enumerate(steps):
@@ -120,11 +122,16 @@ class Verifier:
                 raise StepFormatError(f"step {i} is empty")
             if "\n" in s:
                 raise StepFormatError(f"step {i} contains a newline (send one step per list item)")
-        text, ends = compose_trace(question, steps)
-        tr = self.att.trace(text, {"task": task})
+        return self.att.encoder.encode(task, question, steps)
+
+    @torch.no_grad()
+    def verify(self, task: str, question: str, steps: Sequence[str], include_graph: bool = False) -> list[StepVerdict]:
+        """Verdicts for every step; all share one forward pass and one row cache."""
+        enc = self.encode(task, question, steps)
+        tr = self.att.trace(enc.ids, {"task": task})
         out, rows = [], []
-        for k, end in enumerate(ends):
-            graph = tr.graph(pos=step_target(steps[k], end, self.target, tr.cap.logits), step_index=k)
+        for k in range(len(steps)):
+            graph = tr.graph(pos=step_position(enc, k, self.target, tr.cap.logits), step_index=k)
             pr = prune(graph)
             fp = fingerprint_summary(summarize(graph, pr))
             rows.append(fp)

@@ -1,101 +1,92 @@
 """The public entry point: model + transcoders + settings -> one graph per CoT step.
 
     from crv.attribution.attributor import Attributor
-    att = Attributor.load()                           # shipped reasoner + transcoders
-    att = Attributor.load("path/to/llama", "path/to/transcoders")   # any local Llama + circuit-tracer-layout set
-    graphs = att.step_graphs(record)                  # one Graph per step of a labelled record
+    att = Attributor.load()                               # shipped reasoner + transcoders
+    att = Attributor.load("runs/smollm2", "runs/smollm2-transcoders")   # any supported local model + set
+    graphs = att.step_graphs(record)                      # one Graph per step of a labelled record
 
-A step's graph is computed at the step's last token (the paper's "after"
-setting), over the whole context: question and all steps so far. All steps of a trace share one forward pass.
+A record is rendered in the model's prompt format (:mod:`crv.lm.prompt`) and tokenized with
+per-step token spans (:mod:`crv.lm.encode`). A step's graph is computed at the step's last
+token (the paper's "after" setting), over the whole context: prompt and all steps so far.
+All steps of a trace share one forward pass.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from crv.attribution.engine import AttributionConfig, TraceAttribution
 from crv.attribution.graph import Graph
-from crv.reasoner.model import DEFAULT_REASONER_DIR, load_reasoner
-from crv.reasoner.tokenizer import encode_text
-from crv.tasks.cot import format_prompt
+from crv.lm.encode import EncodedTrace, TraceEncoder, encode_text, trace_encoder
+from crv.lm.load import DEFAULT_MODEL_DIR, load_model
+from crv.lm.prompt import PlainFormat
 from crv.tasks.schema import Record
 from crv.transcoders.io import TranscoderSet, load_transcoders
 
-
-def trace_text(record: Record) -> tuple[str, list[int]]:
-    """The trace as the model saw it, and the character offset of the newline ending each step."""
-    return compose_trace(record.question, record.steps)
-
-
-def compose_trace(question: str, steps: Sequence[str]) -> tuple[str, list[int]]:
-    """The text of a question and its steps (one per line), and the offset of each step's newline."""
-    text = format_prompt(question)
-    ends = []
-    for step in steps:
-        text += step
-        ends.append(len(text))
-        text += "\n"
-    return text, ends
-
-
-def step_position(end: int) -> int:
-    """Token index of a step's last character, given the character offset ``end`` of its newline.
-
-    The paper's "after" setting: the graph of a step is the one for the next-token prediction
-    at the step's last token (token index = character offset + 1, as BOS comes first).
-    """
-    return end
-
-
 #: where a step's graph is computed: "last" = the step's last token (the paper's "after");
-#: "result" = the step's "=" (the model is about to write the result; "last" if there is none);
-#: "uncertain" = the position whose prediction of the step's next character was least confident
+#: "result" = the token holding the step's "=" (the model is about to write the result; "last" if there is none);
+#: "uncertain" = the position whose prediction of one of the step's tokens was least confident
 STEP_TARGETS = ("last", "result", "uncertain")
 
 
-def step_target(step: str, end: int, target: str = "last", logits: torch.Tensor | None = None) -> int:
-    """Token index at which the graph of ``step`` is computed (``end``: character offset of its newline).
+def step_position(trace: EncodedTrace, k: int, target: str = "last", logits: torch.Tensor | None = None) -> int:
+    """Token index at which the graph of step ``k`` of ``trace`` is computed.
 
     ``logits [T, V]`` of the trace are needed for ``"uncertain"``.
     """
     if target not in STEP_TARGETS:
         raise ValueError(f"unknown step target {target!r}; choose from {STEP_TARGETS}")
-    start = end - len(step)  # character offset of the step's first character = token index predicting it
-    if target == "result" and "=" in step:
-        return start + step.index("=") + 1
+    start, end = trace.spans[k]
+    if target == "result":
+        a, b = trace.step_chars[k]
+        eq = trace.text.find("=", a, b)
+        if eq >= 0:
+            return trace.token_at(eq)
     if target == "uncertain":
         if logits is None:
             raise ValueError("the 'uncertain' step target needs the trace's logits")
-        confidence = torch.softmax(logits[start:end].float(), -1).max(-1).values
-        return start + int(confidence.argmin())
-    return step_position(end)
+        lo = max(start - 1, 0)  # position start-1 predicts the step's first token
+        confidence = torch.softmax(logits[lo : end - 1].float(), -1).max(-1).values
+        return lo + int(confidence.argmin()) if len(confidence) else end - 1
+    return end - 1
 
 
 def model_checksum(path: Path) -> str:
-    """SHA-256 (16 hex digits) of a model directory's weight files."""
+    """Cheap identity (16 hex digits) of a model directory: config, and each weight file's size and header."""
     h = hashlib.sha256()
+    for name in ("config.json", "tokenizer.json"):
+        if (path / name).is_file():
+            h.update((path / name).read_bytes())
     for f in sorted(path.glob("*.safetensors")):
-        h.update(f.read_bytes())
+        with f.open("rb") as fh:
+            n = struct.unpack("<Q", fh.read(8))[0]
+            h.update(f"{f.name}:{f.stat().st_size}".encode() + fh.read(n))
     return h.hexdigest()[:16]
 
 
 @dataclass
 class Attributor:
-    """A model with its transcoders and attribution settings."""
+    """A model with its tokenizer, prompt format, transcoders and attribution settings."""
 
-    model: LlamaForCausalLM
+    model: PreTrainedModel
     tokenizer: PreTrainedTokenizerFast
     transcoders: TranscoderSet
     config: AttributionConfig
     model_id: str = "crv-reasoner"
     model_dir: Path | None = None  # where load() read the model and transcoders (None: built in memory)
     transcoder_dir: Path | None = None
+    encoder: TraceEncoder = field(default=None)  # type: ignore[assignment]  # default: plain format
+
+    def __post_init__(self) -> None:
+        if self.encoder is None:
+            self.encoder = TraceEncoder(self.tokenizer, PlainFormat())
 
     @classmethod
     def load(
@@ -105,31 +96,51 @@ class Attributor:
         config: AttributionConfig = AttributionConfig(),
         dtype: torch.dtype = torch.float32,
         device: str = "cpu",
+        prompt_format: str | None = None,
     ) -> "Attributor":
-        """Load a local Llama and its transcoders (defaults: the shipped ones) and check they fit."""
-        model_dir = Path(model_dir) if model_dir is not None else DEFAULT_REASONER_DIR
-        model, tok = load_reasoner(model_dir, dtype=dtype, device=device)
+        """Load a local model and its transcoders (defaults: the shipped ones) and check they fit.
+
+        ``prompt_format``: ``plain`` or ``chat`` (default: the model's own, see :mod:`crv.lm.prompt`).
+        """
+        model_dir = Path(model_dir) if model_dir is not None else DEFAULT_MODEL_DIR
+        model, tok = load_model(model_dir, dtype=dtype, device=device)
         ts = load_transcoders(transcoder_dir, model=model, dtype=dtype, device=device)
         return cls(model, tok, ts, config, model_id=f"{model_dir.name}@{model_checksum(model_dir)}",
-                   model_dir=model_dir.resolve(), transcoder_dir=ts.path.resolve())
+                   model_dir=model_dir.resolve(), transcoder_dir=ts.path.resolve(),
+                   encoder=trace_encoder(tok, model_dir, prompt_format))
+
+    @property
+    def prompt_format(self) -> str:
+        return self.encoder.format.name
 
     def encode(self, text: str) -> torch.Tensor:
-        return torch.tensor(encode_text(self.tokenizer, text))
+        """Token ids of raw ``text`` (BOS first where the prompt format adds one)."""
+        return torch.tensor(encode_text(self.tokenizer, text, add_bos=self.encoder.format.add_bos))
 
-    def trace(self, text: str, meta: dict | None = None) -> TraceAttribution:
-        """One forward pass over ``text``; graphs of any position can then be read from it."""
-        meta = {"model": self.model_id, "transcoders": self.transcoders.checksum(), **(meta or {})}
-        return TraceAttribution(self.model, self.transcoders, self.encode(text), self.config, meta)
+    def encode_record(self, record: Record) -> EncodedTrace:
+        """A record as the model reads it, with each step's token span."""
+        return self.encoder.encode_record(record)
+
+    def trace(self, text: str | torch.Tensor, meta: dict | None = None) -> TraceAttribution:
+        """One forward pass over ``text`` (or token ids); graphs of any position can then be read from it."""
+        ids = self.encode(text) if isinstance(text, str) else text
+        meta = {"model": self.model_id, "transcoders": self.transcoders.checksum(), "prompt_format": self.prompt_format,
+                **(meta or {})}
+        return TraceAttribution(self.model, self.transcoders, ids, self.config, meta)
+
+    def trace_record(self, record: Record) -> tuple[TraceAttribution, EncodedTrace]:
+        """The forward pass of a record, and its encoding (token spans of its steps)."""
+        enc = self.encode_record(record)
+        return self.trace(enc.ids, {"problem_id": record.problem_id, "task": record.task}), enc
 
     def iter_step_graphs(self, record: Record, target: str = "last") -> Iterator[Graph]:
         """One attribution graph per step of a record (at the step's last token), lazily.
 
         All steps share one forward pass and one row cache; only the current graph is held.
         """
-        text, ends = trace_text(record)
-        tr = self.trace(text, {"problem_id": record.problem_id, "task": record.task})
-        for i, end in enumerate(ends):
-            yield tr.graph(pos=step_target(record.steps[i], end, target, tr.cap.logits), step_index=i)
+        tr, enc = self.trace_record(record)
+        for k in range(len(record.steps)):
+            yield tr.graph(pos=step_position(enc, k, target, tr.cap.logits), step_index=k)
 
     def step_graphs(self, record: Record, target: str = "last") -> list[Graph]:
         """All step graphs of a record as a list (see :meth:`iter_step_graphs` for long traces)."""

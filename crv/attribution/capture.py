@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import LlamaForCausalLM
+from transformers import PreTrainedModel
 
 
 @dataclass
@@ -40,7 +40,7 @@ def _inv_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def capture_forward(model: LlamaForCausalLM, ids: torch.Tensor) -> ForwardCapture:
+def capture_forward(model: PreTrainedModel, ids: torch.Tensor) -> ForwardCapture:
     """Run ``ids`` ([T]) through the model once (eager attention) and record the frozen parts."""
     if ids.ndim != 1:
         raise ValueError(f"expected a 1-D tensor of token ids, got shape {tuple(ids.shape)}")

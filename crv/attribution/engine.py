@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
-from transformers import LlamaForCausalLM
+from transformers import PreTrainedModel
 
 from crv.attribution.capture import capture_forward
 from crv.attribution.graph import Graph
@@ -143,7 +143,7 @@ class TraceAttribution:
 
     def __init__(
         self,
-        model: LlamaForCausalLM,
+        model: PreTrainedModel,
         transcoders: TranscoderSet,
         ids: torch.Tensor,
         config: AttributionConfig = AttributionConfig(),

@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import LlamaForCausalLM
+from transformers import PreTrainedModel
 
 from crv.attribution.capture import ForwardCapture
 from crv.transcoders.io import TranscoderSet
@@ -45,7 +45,7 @@ class ActiveFeatures:
 class LinearReplacement:
     """Frozen linear model of one sequence: reading vectors and exact edge rows."""
 
-    def __init__(self, model: LlamaForCausalLM, transcoders: TranscoderSet, cap: ForwardCapture):
+    def __init__(self, model: PreTrainedModel, transcoders: TranscoderSet, cap: ForwardCapture):
         cfg = model.config
         self.cap = cap
         self.n_layers, self.n_pos, self.d = cfg.num_hidden_layers, cap.n_pos, cfg.hidden_size

@@ -13,12 +13,14 @@ from sklearn.model_selection import StratifiedGroupKFold
 from sklearn.neural_network import MLPClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
-from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import PreTrainedModel
+
 
 from crv.classify.metrics import auroc
 from crv.classify.model import ClassifierConfig, StepClassifier, paper_parity_classifier
 from crv.evaluate.prm import PRMConfig, ProcessRewardModel, last_token_states, state_layers
 from crv.evaluate.steps import KEYS, TEMPERATURES, column_groups, hidden_layers
+from crv.lm.encode import TraceEncoder
 from crv.tasks.schema import Record
 
 #: method name -> short description (report legend)
@@ -57,8 +59,8 @@ class EvalConfig:
 class TextInputs:
     """What the text-reading baselines (the PRMs) need besides the step table."""
 
-    reasoner: LlamaForCausalLM
-    tokenizer: PreTrainedTokenizerFast
+    reasoner: PreTrainedModel
+    encoder: TraceEncoder  # the model's tokenizer and prompt format
     records: dict[str, Record]  # by problem_id
 
     def of(self, table: pd.DataFrame) -> list[Record]:
@@ -141,13 +143,13 @@ def score_prms(train: pd.DataFrame, test: pd.DataFrame, cfg: EvalConfig, text: T
     train_recs, test_recs = text.of(train), text.of(test)
     scores: dict[str, np.ndarray] = {}
     t0 = time.perf_counter()
-    prm = ProcessRewardModel(text.reasoner, text.tokenizer, cfg.prm).fit(train_recs, progress=progress)
+    prm = ProcessRewardModel(text.reasoner, text.encoder, cfg.prm).fit(train_recs, progress=progress)
     t1 = time.perf_counter()
     scores["prm_finetuned"] = _aligned(prm.score(test_recs), test)
     t2 = time.perf_counter()
-    test_states = last_token_states(text.reasoner, text.tokenizer, test_recs)
+    test_states = last_token_states(text.reasoner, text.encoder, test_recs)
     t3 = time.perf_counter()
-    states = pd.concat([last_token_states(text.reasoner, text.tokenizer, train_recs), test_states])
+    states = pd.concat([last_token_states(text.reasoner, text.encoder, train_recs), test_states])
     layers = state_layers(states)
     chosen: dict = {"prm_final_train_loss": round(prm.losses_[-1], 5), "prm_train_seconds": round(t1 - t0, 2),
                     "ms_per_step": {"prm_finetuned": 1000 * (t2 - t1) / len(test),
@@ -162,7 +164,7 @@ def score_prms(train: pd.DataFrame, test: pd.DataFrame, cfg: EvalConfig, text: T
     # CRV + PRM: the PRM score of a training step must come from a PRM that did not see it
     oof = np.zeros(len(train))
     for tr, va in _folds(train, cfg.prm.crossfit_folds, cfg.seed):
-        fold = ProcessRewardModel(text.reasoner, text.tokenizer, cfg.prm).fit(text.of(train.iloc[tr]))
+        fold = ProcessRewardModel(text.reasoner, text.encoder, cfg.prm).fit(text.of(train.iloc[tr]))
         oof[va] = _aligned(fold.score(text.of(train.iloc[va])), train.iloc[va])
     fp = column_groups(train)["fingerprint"]
     both_train = train[fp].assign(prm_score=oof)

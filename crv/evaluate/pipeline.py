@@ -49,8 +49,9 @@ def run_evaluation(
         raise ValueError(f"the step table has {len(table)} rows but the records have {sum(len(r.steps) for r in records)} steps")
     save_step_table(table, run_dir, graph_dir)
     by_id = {r.problem_id: r for r in records}
-    results = evaluate_table(table, config, TextInputs(att.model, att.tokenizer, by_id))
+    results = evaluate_table(table, config, TextInputs(att.model, att.encoder, by_id))
     results["step_target"] = target
+    results["model"] = {"id": att.model_id, "prompt_format": att.prompt_format}
     fp = column_groups(table)["fingerprint"]
     for task in [t for t in results if isinstance(results[t], dict) and "methods" in results[t]]:
         t = table[table["task"] == task].reset_index(drop=True)

@@ -24,10 +24,9 @@ import pandas as pd
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import PreTrainedModel
 
-from crv.attribution.attributor import step_position, trace_text
-from crv.reasoner.tokenizer import encode_text
+from crv.lm.encode import TraceEncoder
 from crv.tasks.schema import Record
 
 
@@ -46,7 +45,7 @@ class PRMConfig:
 
 @dataclass
 class EncodedTrace:
-    """A trace's token ids and, per step, the token index of its last character and its label."""
+    """A trace's token ids and, per step, the token index of its last token and its label."""
 
     problem_id: str
     ids: list[int]
@@ -54,14 +53,14 @@ class EncodedTrace:
     faulty: list[int]
 
 
-def encode_traces(tokenizer: PreTrainedTokenizerFast, records: Sequence[Record]) -> list[EncodedTrace]:
-    """The traces as the model reads them (records without steps are left out)."""
+def encode_traces(encoder: TraceEncoder, records: Sequence[Record]) -> list[EncodedTrace]:
+    """The traces as the model reads them, in its prompt format (records without steps are left out)."""
     out = []
     for r in records:
         if not r.steps:
             continue
-        text, ends = trace_text(r)
-        out.append(EncodedTrace(r.problem_id, encode_text(tokenizer, text), [step_position(e) for e in ends],
+        enc = encoder.encode_record(r)
+        out.append(EncodedTrace(r.problem_id, enc.ids.tolist(), [enc.last(k) for k in range(len(r.steps))],
                                 [int(lab == 0) for lab in r.labels]))
     return out
 
@@ -98,7 +97,7 @@ def _epoch_order(lengths: np.ndarray, batch: int, rng: np.random.Generator) -> n
 class _StepScorer(nn.Module):
     """A Llama's transformer (final norm included) with a scalar head."""
 
-    def __init__(self, reasoner: LlamaForCausalLM) -> None:
+    def __init__(self, reasoner: PreTrainedModel) -> None:
         super().__init__()
         self.backbone = copy.deepcopy(reasoner.model).float()
         self.head = nn.Linear(reasoner.config.hidden_size, 1)
@@ -117,16 +116,16 @@ class ProcessRewardModel:
     The reasoner passed in is copied, never modified.
     """
 
-    def __init__(self, reasoner: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast,
+    def __init__(self, reasoner: PreTrainedModel, encoder: TraceEncoder,
                  config: PRMConfig = PRMConfig()) -> None:
-        self.reasoner, self.tokenizer, self.config = reasoner, tokenizer, config
+        self.reasoner, self.encoder, self.config = reasoner, encoder, config
         self.scorer_: _StepScorer | None = None
         self.losses_: list[float] = []
 
     def fit(self, records: Sequence[Record], progress: bool = False) -> "ProcessRewardModel":
         """Fine-tune on the labelled steps of ``records`` (both classes must be present)."""
         cfg = self.config
-        traces = encode_traces(self.tokenizer, records)
+        traces = encode_traces(self.encoder, records)
         y = np.array([f for t in traces for f in t.faulty])
         if y.size == 0 or y.min() == y.max():
             raise ValueError("the PRM needs both faulty and correct steps to train on")
@@ -143,7 +142,7 @@ class ProcessRewardModel:
         bar = tqdm(range(cfg.epochs), desc="prm", unit="epoch", disable=not progress)
         for _ in bar:
             order = _epoch_order(lengths, cfg.batch_traces, rng)
-            batches = list(_batches([traces[i] for i in order], cfg.batch_traces, self.tokenizer.pad_token_id))
+            batches = list(_batches([traces[i] for i in order], cfg.batch_traces, self.encoder.tokenizer.pad_token_id))
             rng.shuffle(batches)  # type: ignore[arg-type]
             total = 0.0
             for ids, mask, rows, cols, target in batches:
@@ -163,22 +162,22 @@ class ProcessRewardModel:
         """Faulty-step scores (logits), indexed by (problem_id, step_index); one forward pass per trace."""
         if self.scorer_ is None:
             raise RuntimeError("fit the PRM before scoring")
-        traces = encode_traces(self.tokenizer, records)
+        traces = encode_traces(self.encoder, records)
         out = []
-        for ids, mask, rows, cols, _ in _batches(traces, 1, self.tokenizer.pad_token_id):
+        for ids, mask, rows, cols, _ in _batches(traces, 1, self.encoder.tokenizer.pad_token_id):
             out.append(self.scorer_(ids, mask, rows, cols))
         values = torch.cat(out).numpy() if out else np.zeros(0)
         return pd.Series(values, index=step_index(traces), name="prm_finetuned")
 
 
 @torch.no_grad()
-def last_token_states(reasoner: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast,
+def last_token_states(reasoner: PreTrainedModel, encoder: TraceEncoder,
                       records: Sequence[Record]) -> pd.DataFrame:
     """The reasoner's hidden states at each step's last token: columns ``last{l}.{i}`` (0 = embeddings).
 
     Indexed by (problem_id, step_index); one forward pass per trace.
     """
-    traces = encode_traces(tokenizer, records)
+    traces = encode_traces(encoder, records)
     blocks = []
     for t in traces:
         hs = reasoner(input_ids=torch.tensor([t.ids], device=reasoner.device), output_hidden_states=True).hidden_states

@@ -14,9 +14,10 @@ Column groups of the step table (a pandas DataFrame):
 
 - ``<target>:<name>``: the fingerprint of the graph at another step target (``extra_targets``).
 
-The step's tokens are its characters (the newline excluded); its graph is the one at its
-last token (``target="last"``, the paper's setting), at its ``=`` (``"result"``) or where the
-model was least sure of the step's next character (``"uncertain"``).
+The step's tokens are its token span (:mod:`crv.lm.encode`: the tokens overlapping the step's
+text, its newline excluded); its graph is the one at its last token (``target="last"``, the
+paper's setting), at the token holding its ``=`` (``"result"``) or where the model was least
+sure of one of the step's tokens (``"uncertain"``).
 :func:`crv.extract.build_step_table` builds the table of a dataset (resumably, locally or on Ray).
 """
 
@@ -28,7 +29,7 @@ from collections.abc import Iterable
 import pandas as pd
 import torch
 
-from crv.attribution.attributor import Attributor, step_position, step_target, trace_text
+from crv.attribution.attributor import Attributor, step_position
 from crv.fingerprint.features import fingerprint_summary
 from crv.fingerprint.summary import GraphSummary, summarize
 from crv.tasks.schema import Record
@@ -75,26 +76,24 @@ def trace_entry(att: Attributor, record: Record, target: str = "last",
     The fingerprint of the graph at ``target`` is unprefixed; those at ``extra_targets``
     (from the same forward pass and row cache) are prefixed ``"<target>:"``.
     """
-    text, ends = trace_text(record)
-    tr = att.trace(text, {"problem_id": record.problem_id, "task": record.task})
+    tr, enc = att.trace_record(record)
     targets = [target] + [t for t in dict.fromkeys(extra_targets) if t != target]
-    summaries = {t: [summarize(tr.graph(pos=step_target(record.steps[k], end, t, tr.cap.logits), step_index=k))
-                     for k, end in enumerate(ends)] for t in targets}
+    summaries = {t: [summarize(tr.graph(pos=step_position(enc, k, t, tr.cap.logits), step_index=k))
+                     for k in range(len(record.steps))] for t in targets}
     ids, logits = tr.cap.ids, tr.cap.logits
     with torch.no_grad():
         hidden = att.model(input_ids=ids[None].to(att.model.device), output_hidden_states=True).hidden_states
     hidden = [h[0].float().cpu() for h in hidden]
     feats = tr.lin.features
     rows = []
-    for k, end in enumerate(ends):
-        start = end - len(record.steps[k])  # character offset of the step's first character
-        lo, hi = start + 1, step_position(end)  # token positions of the step's characters
+    for k in range(len(record.steps)):
+        lo, hi = enc.spans[k][0], enc.last(k)  # token positions of the step (first and last)
         row: dict = {"problem_id": record.problem_id, "task": record.task, "n": record.n, "step_index": k,
                      "faulty": int(record.labels[k] == 0)}
         row.update(fingerprint_summary(summaries[target][k]))
         for t in targets[1:]:
             row.update({f"{t}:{name}": v for name, v in fingerprint_summary(summaries[t][k]).items()})
-        row.update(black_box(logits[lo - 1 : hi], ids[lo : hi + 1]))
+        row.update(black_box(logits[max(lo - 1, 0) : hi], ids[max(lo, 1) : hi + 1]))
         row.update(transcoder_stats(feats.layer, feats.pos, feats.feat, feats.act, lo, hi, tr.lin.n_layers))
         for l, h in enumerate(hidden):
             row.update({f"h{l}.{i}": v for i, v in enumerate(h[lo : hi + 1].mean(0).tolist())})
@@ -106,10 +105,9 @@ def time_crv(att: Attributor, records: Iterable[Record], target: str = "last") -
     """Milliseconds per step to fingerprint ``records`` from scratch (forward pass, graphs, pruning, fingerprint)."""
     n, start = 0, time.perf_counter()
     for rec in records:
-        text, ends = trace_text(rec)
-        tr = att.trace(text)
-        for k, end in enumerate(ends):
-            fingerprint_summary(summarize(tr.graph(pos=step_target(rec.steps[k], end, target, tr.cap.logits), step_index=k)))
+        tr, enc = att.trace_record(rec)
+        for k in range(len(rec.steps)):
+            fingerprint_summary(summarize(tr.graph(pos=step_position(enc, k, target, tr.cap.logits), step_index=k)))
             n += 1
     if n == 0:
         raise ValueError("no steps to time")

@@ -19,7 +19,7 @@ ROWS_VERSION = 1
 
 def extraction_settings(att: Attributor, spec: ExtractSpec) -> dict:
     """Everything besides the trace that determines its entry (part of every store key)."""
-    return {"model": att.model_id, "transcoders": att.transcoders.checksum(), "attribution": dataclasses.asdict(att.config),
+    return {"model": att.model_id, "prompt_format": att.prompt_format, "transcoders": att.transcoders.checksum(), "attribution": dataclasses.asdict(att.config),
             "target": spec.target, "extra_targets": list(spec.extra_targets), "rows_version": ROWS_VERSION}
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from crv.attribution.attributor import Attributor, step_target, trace_text
+from crv.attribution.attributor import Attributor, step_position
 from crv.classify.model import StepClassifier
 from crv.fingerprint.features import fingerprint
 from crv.interventions.patch import FeatureEdit
@@ -76,17 +76,15 @@ class StepPlan:
 def plan_step(att: Attributor, classifier: StepClassifier, record: Record, step_index: int, cfg: InterventionConfig,
               rng: np.random.Generator) -> StepPlan:
     """Score a step with the verifier and choose the features of each arm (one forward pass)."""
-    text, ends = trace_text(record)
-    tr = att.trace(text, {"problem_id": record.problem_id, "task": record.task})
-    step, end = record.steps[step_index], ends[step_index]
-    fp = fingerprint(tr.graph(pos=step_target(step, end, "last"), step_index=step_index))
+    tr, enc = att.trace_record(record)
+    fp = fingerprint(tr.graph(pos=step_position(enc, step_index, "last"), step_index=step_index))
     p = float(classifier.predict_proba(pd.DataFrame([fp]))[0, 1])
     if cfg.positions == "suspect":
-        sug = suggest(att, record, step_index, cfg.k, cfg.locate, trace=tr)
+        sug = suggest(att, record, step_index, cfg.k, cfg.locate, trace=(tr, enc))
         pos, suppress, amplify, active = sug.position, sug.suppress, sug.amplify, sug.active
     else:  # candidates from every position of the step
-        pos = suspect_position(step, end, tr.cap.logits, record.task, cfg.locate)
-        first = end - len(step)  # it predicts the step's first character
+        pos = suspect_position(enc, step_index, tr.cap.logits, record.task, cfg.locate)
+        first, end = enc.spans[step_index][0] - 1, enc.last(step_index)  # first predicts the step's first token
         cands = candidates(tr.graph(pos=pos, step_index=step_index), first)
         suppress = [c for c in cands if c.effect > 0][: cfg.k]
         amplify = [c for c in reversed(cands) if c.effect < 0][: cfg.k]
@@ -105,11 +103,11 @@ def run_arms(att: Attributor, plan: StepPlan, cfg: InterventionConfig, arms: Seq
     """The unedited regeneration (``none``) and every arm with features to edit."""
     sets = {"targeted_suppress": _edits(plan.suppress, "clamp", 0.0), "targeted_amplify": _edits(plan.amplify, "scale", cfg.factor),
             "random_suppress": _edits(plan.random_suppress, "clamp", 0.0), "random_amplify": _edits(plan.random_amplify, "scale", cfg.factor)}
-    out = {"none": regenerate(att.model, att.tokenizer, att.transcoders, plan.record, plan.step_index)}
+    out = {"none": regenerate(att.model, att.encoder, att.transcoders, plan.record, plan.step_index)}
     where = plan.suspect_position if cfg.positions == "suspect" else cfg.positions
     for arm in arms:
         if sets[arm]:
-            out[arm] = regenerate(att.model, att.tokenizer, att.transcoders, plan.record, plan.step_index, sets[arm], where)
+            out[arm] = regenerate(att.model, att.encoder, att.transcoders, plan.record, plan.step_index, sets[arm], where)
     return out
 
 

@@ -6,11 +6,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from crv.interventions.patch import MODES, EditWindow, FeatureEdit, feature_patch
-from crv.reasoner.tokenizer import encode_text
-from crv.tasks.cot import Problem, format_prompt
+from crv.lm.encode import TraceEncoder
+from crv.lm.load import stop_token_ids
+from crv.tasks.cot import Problem
 from crv.tasks.label import label_output
 from crv.tasks.schema import Record
 from crv.transcoders.io import TranscoderSet
@@ -34,11 +35,6 @@ class Regeneration:
     new_step: str | None = field(default=None)  # the regenerated step (None: the model stopped first)
 
 
-def prefix_text(record: Record, step_index: int) -> str:
-    """The text before step ``step_index``: prompt and the earlier steps, each ending in a newline."""
-    return format_prompt(record.question) + "".join(s + "\n" for s in record.steps[:step_index])
-
-
 def problem_of(record: Record) -> Problem:
     """The synthetic problem a record came from (what the labeller needs)."""
     if record.task not in ("arith", "bool") or record.n is None:
@@ -54,12 +50,11 @@ def check_step_index(record: Record, step_index: int) -> None:
 
 
 @torch.no_grad()
-def greedy_continue(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, prefix: str, max_new_tokens: int,
+def greedy_continue(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, ids: list[int], max_new_tokens: int,
                     window: EditWindow | None = None, stop_edits_at_newline: bool = False) -> str:
-    """Greedy continuation of ``prefix`` (KV cache, batch 1) up to EOS; advances ``window.offset``."""
-    ids = encode_text(tokenizer, prefix)
+    """Greedy continuation of token ``ids`` (KV cache, batch 1) up to EOS / end of turn; advances ``window.offset``."""
     limit = min(max_new_tokens, model.config.max_position_embeddings - len(ids))
-    newline = tokenizer.convert_tokens_to_ids("\n")
+    stops = stop_token_ids(model, tokenizer)
     device = next(model.parameters()).device
     x, past, out = torch.tensor([ids], device=device), None, []
     offset = 0
@@ -70,32 +65,32 @@ def greedy_continue(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast,
         offset += x.shape[1]
         past = o.past_key_values
         tok = int(o.logits[0, -1].argmax())
-        if tok == tokenizer.eos_token_id:
+        if tok in stops:
             break
         out.append(tok)
-        if stop_edits_at_newline and window is not None and tok == newline and window.stop is None:
+        if stop_edits_at_newline and window is not None and window.stop is None and "\n" in tokenizer.decode([tok]):
             window.stop = offset  # the step ends: its newline (fed next, at position offset) and later are not edited
         x = torch.tensor([[tok]], device=device)
     return tokenizer.decode(out, skip_special_tokens=True)
 
 
-def regenerate(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, transcoders: TranscoderSet, record: Record,
+def regenerate(model: PreTrainedModel, encoder: TraceEncoder, transcoders: TranscoderSet, record: Record,
                step_index: int, edits: Sequence[FeatureEdit] = (), positions: str | int = "step",
                max_new_tokens: int | None = None) -> Regeneration:
     """Regenerate ``record`` from the start of step ``step_index`` with ``edits`` applied, then relabel it.
 
-    ``positions="step"`` edits the positions that predict the step's characters and its newline,
+    ``positions="step"`` edits the positions that predict the step's tokens and its newline,
     ``"from_step"`` every position from the step on, an int that one token position (it must
     predict a character of the step). With no edits this is the unedited control.
     """
     check_step_index(record, step_index)
     problem = problem_of(record)
-    prefix = prefix_text(record, step_index)
+    prefix = encoder.prefix(record.task, record.question, record.steps[:step_index])
     if max_new_tokens is None:
-        max_new_tokens = 2 * len(record.raw_output or "\n".join(record.steps)) + 64
-    first = len(encode_text(tokenizer, prefix)) - 1  # the prefix's last token predicts the step's first character
+        max_new_tokens = 2 * len(encoder.tokenizer(record.raw_output or "\n".join(record.steps))["input_ids"]) + 64
+    first = len(prefix) - 1  # the prefix's last token predicts the step's first token
     if isinstance(positions, int):
-        last = first + len(record.steps[step_index])
+        last = encoder.encode_record(record).last(step_index)  # it predicts the step's newline
         if not first <= positions <= last:
             raise ValueError(f"position {positions} is not inside step {step_index} (token positions {first}..{last})")
         window = EditWindow(start=positions, stop=positions + 1)
@@ -105,9 +100,9 @@ def regenerate(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, tran
         raise ValueError(f"unknown positions {positions!r}; choose from {', '.join(POSITIONS)} or a token position")
     if edits:
         with feature_patch(model, transcoders, list(edits), window):
-            continuation = greedy_continue(model, tokenizer, prefix, max_new_tokens, window, positions == "step")
+            continuation = greedy_continue(model, encoder.tokenizer, prefix, max_new_tokens, window, positions == "step")
     else:
-        continuation = greedy_continue(model, tokenizer, prefix, max_new_tokens)
+        continuation = greedy_continue(model, encoder.tokenizer, prefix, max_new_tokens)
     earlier = "".join(s + "\n" for s in record.steps[:step_index])
     relabelled = label_output(problem, earlier + continuation, source=f"{record.source}+intervention")
     new_steps = continuation.split("\n")
@@ -116,7 +111,7 @@ def regenerate(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, tran
     return Regeneration(step_index, list(edits), positions, continuation, relabelled, step_correct, relabelled.solved, new_step)
 
 
-def intervene(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, transcoders: TranscoderSet, record: Record,
+def intervene(model: PreTrainedModel, encoder: TraceEncoder, transcoders: TranscoderSet, record: Record,
               step_index: int, features: Sequence[tuple[int, int]], mode: str = "clamp", value: float = 0.0,
               positions: str | int = "step") -> Regeneration:
     """The single-case API: edit ``features`` ((layer, feature) pairs) with ``mode`` and regenerate from the step."""
@@ -125,4 +120,4 @@ def intervene(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, trans
     edits = [FeatureEdit(int(l), int(f), mode, value) for l, f in features]
     if not edits:
         raise ValueError("no features to edit (use regenerate() for the unedited control)")
-    return regenerate(model, tokenizer, transcoders, record, step_index, edits, positions)
+    return regenerate(model, encoder, transcoders, record, step_index, edits, positions)

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from crv.attribution.attributor import Attributor, step_target, trace_text
+from crv.attribution.attributor import Attributor, step_position
+from crv.lm.encode import EncodedTrace
 from crv.attribution.engine import TraceAttribution
 from crv.attribution.graph import Graph
 from crv.tasks.schema import Record
@@ -52,15 +53,16 @@ def wrong_result_offset(step: str, dialect: str) -> int | None:
     return len(lhs) + 1 + i
 
 
-def suspect_position(step: str, end: int, logits: torch.Tensor, dialect: str, locate: str = "uncertain") -> int:
-    """Token index whose next-token prediction is suspect (``end``: character offset of the step's newline)."""
+def suspect_position(trace: EncodedTrace, k: int, logits: torch.Tensor, dialect: str, locate: str = "uncertain") -> int:
+    """Token index whose next-token prediction is suspect in step ``k`` of ``trace``."""
     if locate not in LOCATE:
         raise ValueError(f"unknown locate rule {locate!r}; choose from {', '.join(LOCATE)}")
     if locate == "oracle":
-        off = wrong_result_offset(step, dialect)
+        a, b = trace.step_chars[k]
+        off = wrong_result_offset(trace.text[a:b], dialect)
         if off is not None:
-            return end - len(step) + off
-    return step_target(step, end, "uncertain", logits)
+            return trace.token_at(a + off) - 1  # the position predicting the token with the wrong character
+    return step_position(trace, k, "uncertain", logits)
 
 
 def logit_effects(graph: Graph, logit: int = 0, max_depth: int = 64) -> torch.Tensor:
@@ -130,14 +132,12 @@ class Suggestion:
 
 
 def suggest(att: Attributor, record: Record, step_index: int, k: int = 3, locate: str = "uncertain",
-            trace: TraceAttribution | None = None) -> Suggestion:
+            trace: tuple[TraceAttribution, EncodedTrace] | None = None) -> Suggestion:
     """The top-``k`` features to suppress and to amplify at the suspect position of step ``step_index``."""
     if not 0 <= step_index < len(record.steps):
         raise ValueError(f"step index {step_index} out of range 0..{len(record.steps) - 1}")
-    text, ends = trace_text(record)
-    tr = trace if trace is not None else att.trace(text)
-    step, end = record.steps[step_index], ends[step_index]
-    pos = suspect_position(step, end, tr.cap.logits, record.task, locate)
+    tr, enc = trace if trace is not None else att.trace_record(record)
+    pos = suspect_position(enc, step_index, tr.cap.logits, record.task, locate)
     cands = candidates(tr.graph(pos=pos, step_index=step_index), pos)
     feats = tr.lin.features
     at = feats.pos == pos

@@ -7,9 +7,10 @@ from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
-from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import PreTrainedModel
 
-from crv.reasoner.tokenizer import encode_text
+from crv.lm.encode import TraceEncoder
+from crv.lm.load import stop_token_ids
 from crv.tasks.cot import Problem
 from crv.tasks.label import label_output
 from crv.tasks.schema import Record
@@ -26,13 +27,14 @@ class GenerationConfig:
 
 @torch.no_grad()
 def complete(
-    model: LlamaForCausalLM,
-    tokenizer: PreTrainedTokenizerFast,
-    prompts: Sequence[str],
+    model: PreTrainedModel,
+    encoder: TraceEncoder,
+    prompts: Sequence[list[int]],
     max_new_tokens: int,
 ) -> list[str]:
-    """Greedy completions of a batch of prompts (left-padded), decoded up to EOS."""
-    encoded = [encode_text(tokenizer, p) for p in prompts]
+    """Greedy completions of a batch of prompts (token ids, left-padded), decoded up to EOS / end of turn."""
+    tokenizer, encoded = encoder.tokenizer, list(prompts)
+    stops = stop_token_ids(model, tokenizer)
     width = max(len(e) for e in encoded)
     limit = model.config.max_position_embeddings - width
     if limit <= 0:
@@ -49,26 +51,26 @@ def complete(
         attention_mask=mask.to(device),
         max_new_tokens=min(max_new_tokens, limit),
         do_sample=False,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=sorted(stops),
         pad_token_id=pad,
     )
     new = out[:, width:].cpu()
     texts = []
     for row in new.tolist():
-        if tokenizer.eos_token_id in row:
-            row = row[: row.index(tokenizer.eos_token_id)]
+        end = next((i for i, t in enumerate(row) if t in stops), len(row))
+        row = row[:end]
         texts.append(tokenizer.decode([t for t in row if t != pad], skip_special_tokens=True))
     return texts
 
 
 def generate_records(
-    model: LlamaForCausalLM,
-    tokenizer: PreTrainedTokenizerFast,
+    model: PreTrainedModel,
+    encoder: TraceEncoder,
     problems: Sequence[Problem],
     config: GenerationConfig = GenerationConfig(),
     progress: bool = True,
 ) -> list[Record]:
-    """Let the model solve each problem and label its steps; output keeps the input order."""
+    """Let the model solve each problem (prompted in ``encoder``'s format) and label its steps; input order kept."""
     order = sorted(range(len(problems)), key=lambda i: (problems[i].task, len(problems[i].prompt + problems[i].completion)))
     results: dict[int, Record] = {}
     bar = tqdm(total=len(problems), desc="generate", unit="trace", disable=not progress)
@@ -80,7 +82,7 @@ def generate_records(
             int(config.length_factor * max(len(p.completion) for p in batch)) + config.slack,
             max((p.n + 1) * (len(p.question) + config.slack) for p in batch),
         )
-        for i, p, text in zip(idx, batch, complete(model, tokenizer, [p.prompt for p in batch], budget)):
+        for i, p, text in zip(idx, batch, complete(model, encoder, [encoder.prefix(p.task, p.question, []) for p in batch], budget)):
             results[i] = label_output(p, text)
         bar.update(len(idx))
     bar.close()

@@ -9,11 +9,6 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from crv.reasoner.tokenizer import load_tokenizer
-
-#: Where the shipped reasoner lives, relative to the repository root.
-DEFAULT_REASONER_DIR = Path(__file__).resolve().parents[2] / "models" / "reasoner"
-
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -58,15 +53,3 @@ def save_reasoner(
     tokenizer.save_pretrained(path)
     if extra is not None:
         (path / "crv_training.json").write_text(json.dumps(extra, indent=2, default=str) + "\n")
-
-
-def load_reasoner(
-    path: str | Path | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu"
-) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
-    """Load a reasoner and its tokenizer from a local directory (default: the shipped one)."""
-    path = Path(path) if path is not None else DEFAULT_REASONER_DIR
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"no reasoner at {path} (expected config.json, model.safetensors, tokenizer.json)")
-    model = LlamaForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True, use_safetensors=True)
-    model.to(device).eval()
-    return model, load_tokenizer(path)

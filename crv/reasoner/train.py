@@ -14,8 +14,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-from crv.reasoner.model import ModelConfig, build_model, load_reasoner, save_reasoner
-from crv.reasoner.tokenizer import build_tokenizer, encode_text
+from crv.lm.encode import encode_text
+from crv.lm.load import load_model
+from crv.reasoner.model import ModelConfig, build_model, save_reasoner
+from crv.reasoner.tokenizer import build_tokenizer
 from crv.tasks.cot import TASKS, GeneratorConfig, make_problem
 
 
@@ -141,7 +143,7 @@ def train_reasoner(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if cfg.init_from:
-        model, tokenizer = load_reasoner(cfg.init_from)
+        model, tokenizer = load_model(cfg.init_from)
     else:
         tokenizer = build_tokenizer()
         model = build_model(cfg.model, tokenizer, seed=cfg.seed)

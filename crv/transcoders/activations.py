@@ -1,4 +1,4 @@
-"""MLP inputs and outputs of a Llama, and a bounded-memory stream of them over CoT text."""
+"""MLP inputs and outputs of a model, and a bounded-memory stream of them over CoT traces in its prompt format."""
 
 from __future__ import annotations
 
@@ -7,19 +7,20 @@ from contextlib import contextmanager
 from typing import Iterator
 
 import torch
-from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import PreTrainedModel
 
-from crv.reasoner.tokenizer import encode_text
+from crv.lm.encode import TraceEncoder
+from crv.lm.prompt import ANSWER_PREFIX
 from crv.tasks.cot import TASKS, GeneratorConfig, make_problem
 
 
-def mlp_modules(model: LlamaForCausalLM) -> list[torch.nn.Module]:
+def mlp_modules(model: PreTrainedModel) -> list[torch.nn.Module]:
     """The MLP block of every decoder layer, in order."""
     return [layer.mlp for layer in model.model.layers]
 
 
 @contextmanager
-def capture_mlp_io(model: LlamaForCausalLM) -> Iterator[tuple[list, list]]:
+def capture_mlp_io(model: PreTrainedModel) -> Iterator[tuple[list, list]]:
     """Record each layer's MLP input (post-attention RMSNorm output) and MLP output."""
     inputs: list = [None] * model.config.num_hidden_layers
     outputs: list = [None] * model.config.num_hidden_layers
@@ -37,33 +38,81 @@ def capture_mlp_io(model: LlamaForCausalLM) -> Iterator[tuple[list, list]]:
 
 
 @torch.no_grad()
-def mlp_io(model: LlamaForCausalLM, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def mlp_io(model: PreTrainedModel, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``[n_layers, batch, seq, d_model]`` MLP inputs and outputs for right-padded ids."""
     with capture_mlp_io(model) as (inputs, outputs):
         model(input_ids=ids)
     return torch.stack(inputs), torch.stack(outputs)
 
 
-def cot_texts(rng: random.Random, count: int, n_max: int = 10, config: GeneratorConfig = GeneratorConfig()) -> list[str]:
-    """Canonical CoT texts (prompt + solution) of all tasks, n uniform in 1..n_max."""
-    texts = []
+def cot_sequences(encoder: TraceEncoder, rng: random.Random, count: int, n_max: int = 10,
+                  config: GeneratorConfig = GeneratorConfig(), task: str | None = None) -> list[list[int]]:
+    """Token ids of canonical CoT traces (prompt, steps, answer line), n uniform in 1..n_max, of ``task``
+    (default: each sequence's task drawn at random)."""
+    seqs = []
     for i in range(count):
-        task = rng.choice(TASKS)
-        p = make_problem(task, rng.randint(1, n_max), rng, f"act-{i}", config)
-        texts.append(p.prompt + p.completion)
-    return texts
+        task_i = task or rng.choice(TASKS)
+        p = make_problem(task_i, rng.randint(1, n_max), rng, f"act-{i}", config)  # type: ignore[arg-type]
+        seqs.append(encoder.prefix(p.task, p.question, [*p.steps, ANSWER_PREFIX + p.answer]))
+    return seqs
 
 
-def encode_batch(tokenizer: PreTrainedTokenizerFast, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids (BOS first) and a mask of real, non-BOS tokens."""
-    encoded = [encode_text(tokenizer, t) for t in texts]
-    width = max(len(e) for e in encoded)
-    ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(encoded), width), dtype=torch.bool)
-    for i, e in enumerate(encoded):
+def shared_prefix(seqs: list[list[int]]) -> int:
+    """Length of the token prefix every sequence starts with."""
+    n = min(len(e) for e in seqs)
+    for a in seqs[1:]:
+        n = next((i for i, (x, y) in enumerate(zip(seqs[0][:n], a)) if x != y), n)
+    return n
+
+
+#: a prefix at least this long that every sequence of a batch shares (a chat template's system turn, worked
+#: example and instruction) counts once; shorter ones (crv's plain ``<s>Q: ``) count in every sequence
+MIN_SHARED_PREFIX = 8
+
+
+def encode_batch(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and a mask of the tokens that count: not position 0, and a long shared prefix
+    (:data:`MIN_SHARED_PREFIX`) only once, in the first sequence."""
+    width = max(len(e) for e in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.bool)
+    shared = shared_prefix(seqs)
+    skip = shared if shared >= MIN_SHARED_PREFIX else 1
+    for i, e in enumerate(seqs):
         ids[i, : len(e)] = torch.tensor(e)
-        mask[i, 1 : len(e)] = True
+        mask[i, 1 if i == 0 else skip : len(e)] = True
     return ids, mask
+
+
+@torch.no_grad()
+def counted_mlp_io(model: PreTrainedModel, seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[n_layers, n_tokens, d_model]`` MLP inputs and outputs of the tokens that count (:func:`encode_batch`).
+
+    A prefix every sequence shares (a chat template's system turn, worked example and instruction) is
+    run once and its key/value cache reused by the whole batch, so its cost is paid once, not per sequence.
+    """
+    shared = min(shared_prefix(seqs), min(len(e) for e in seqs) - 1)
+    if shared < MIN_SHARED_PREFIX or len(seqs) == 1:
+        ids, mask = encode_batch(seqs, pad_id)
+        x, y = mlp_io(model, ids)
+        return x[:, mask], y[:, mask]
+    device = next(model.parameters()).device
+    with capture_mlp_io(model) as (inputs, outputs):
+        cache = model(input_ids=torch.tensor([seqs[0][:shared]], device=device), use_cache=True).past_key_values
+    x0, y0 = torch.stack(inputs)[:, 0, 1:], torch.stack(outputs)[:, 0, 1:]  # the shared prefix, once (not position 0)
+    cache.batch_repeat_interleave(len(seqs))
+    rest = [e[shared:] for e in seqs]
+    width = max(len(e) for e in rest)
+    ids = torch.full((len(rest), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rest), width), dtype=torch.bool)
+    for i, e in enumerate(rest):  # right padding: a real token never attends to the padding after it
+        ids[i, : len(e)] = torch.tensor(e)
+        mask[i, : len(e)] = True
+    attention = torch.cat([torch.ones(len(rest), shared, dtype=torch.long), mask.long()], 1)
+    with capture_mlp_io(model) as (inputs, outputs):
+        model(input_ids=ids.to(device), attention_mask=attention.to(device), past_key_values=cache, use_cache=True)
+    x, y = torch.stack(inputs)[:, mask.to(device)], torch.stack(outputs)[:, mask.to(device)]
+    return torch.cat([x0, x], 1), torch.cat([y0, y], 1)
 
 
 class ActivationStream:
@@ -76,14 +125,14 @@ class ActivationStream:
 
     def __init__(
         self,
-        model: LlamaForCausalLM,
-        tokenizer: PreTrainedTokenizerFast,
+        model: PreTrainedModel,
+        encoder: TraceEncoder,
         batch_tokens: int = 4096,
         buffer_tokens: int = 65_536,
         seqs_per_forward: int = 32,
         seed: int = 0,
     ):
-        self.model, self.tok = model, tokenizer
+        self.model, self.encoder = model, encoder
         self.batch_tokens, self.buffer_tokens, self.seqs = batch_tokens, buffer_tokens, seqs_per_forward
         self.rng = random.Random(seed)
         self.gen = torch.Generator().manual_seed(seed)
@@ -94,11 +143,12 @@ class ActivationStream:
     def _refill(self) -> None:
         xs, ys, total = [], [], 0
         while total < self.buffer_tokens:
-            ids, mask = encode_batch(self.tok, cot_texts(self.rng, self.seqs))
-            x, y = mlp_io(self.model, ids)
-            xs.append(x[:, mask])
-            ys.append(y[:, mask])
-            total += int(mask.sum())
+            task = self.rng.choice(TASKS)  # one task per forward batch: its prompt is shared and run once
+            seqs = cot_sequences(self.encoder, self.rng, self.seqs, task=task)
+            x, y = counted_mlp_io(self.model, seqs, self.encoder.tokenizer.pad_token_id)
+            xs.append(x)
+            ys.append(y)
+            total += x.shape[1]
         x, y = torch.cat(xs, 1), torch.cat(ys, 1)
         perm = torch.randperm(x.shape[1], generator=self.gen)
         self._x, self._y, self._pos = x[:, perm], y[:, perm], 0

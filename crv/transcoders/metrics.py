@@ -9,7 +9,7 @@ from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
-from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import PreTrainedModel
 
 from crv.transcoders.activations import encode_batch, mlp_io, mlp_modules
 from crv.transcoders.io import TranscoderSet
@@ -30,7 +30,7 @@ class ReplacementQuality:
 
 
 @contextmanager
-def replaced_mlps(model: LlamaForCausalLM, transcoders: TranscoderSet) -> Iterator[None]:
+def replaced_mlps(model: PreTrainedModel, transcoders: TranscoderSet) -> Iterator[None]:
     """Temporarily replace every MLP's output with its transcoder's reconstruction."""
     handles = [
         mlp.register_forward_hook(lambda module, args, out, tc=transcoders[i]: tc(args[0]))
@@ -45,9 +45,9 @@ def replaced_mlps(model: LlamaForCausalLM, transcoders: TranscoderSet) -> Iterat
 
 @torch.no_grad()
 def layer_quality(
-    model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, transcoders: TranscoderSet, texts: Sequence[str], batch: int = 32
+    model: PreTrainedModel, transcoders: TranscoderSet, seqs: Sequence[list[int]], pad_id: int, batch: int = 32
 ) -> list[LayerQuality]:
-    """FVU, L0 and dead fraction per layer over the (non-BOS) tokens of ``texts``."""
+    """FVU, L0 and dead fraction per layer over the tokens of ``seqs`` that count (:func:`encode_batch`)."""
     n_layers = len(transcoders)
     err = torch.zeros(n_layers, dtype=torch.float64)
     sq = torch.zeros(n_layers, dtype=torch.float64)
@@ -55,8 +55,8 @@ def layer_quality(
     l0 = torch.zeros(n_layers, dtype=torch.float64)
     fired = torch.zeros(n_layers, transcoders.shape.d_transcoder, dtype=torch.bool)
     count = 0
-    for start in range(0, len(texts), batch):
-        ids, mask = encode_batch(tokenizer, list(texts[start : start + batch]))
+    for start in range(0, len(seqs), batch):
+        ids, mask = encode_batch(list(seqs[start : start + batch]), pad_id)
         x, y = mlp_io(model, ids)
         x, y = x[:, mask], y[:, mask]
         count += x.shape[1]
@@ -79,12 +79,12 @@ def layer_quality(
 
 @torch.no_grad()
 def replacement_quality(
-    model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, transcoders: TranscoderSet, texts: Sequence[str], batch: int = 32
+    model: PreTrainedModel, transcoders: TranscoderSet, seqs: Sequence[list[int]], pad_id: int, batch: int = 32
 ) -> ReplacementQuality:
     """Next-token argmax agreement and mean KL between the model and its replacement (all MLPs at once)."""
     agree, kl, count = 0.0, 0.0, 0
-    for start in range(0, len(texts), batch):
-        ids, mask = encode_batch(tokenizer, list(texts[start : start + batch]))
+    for start in range(0, len(seqs), batch):
+        ids, mask = encode_batch(list(seqs[start : start + batch]), pad_id)
         logp = F.log_softmax(model(input_ids=ids).logits[mask].float(), -1)
         with replaced_mlps(model, transcoders):
             logq = F.log_softmax(model(input_ids=ids).logits[mask].float(), -1)

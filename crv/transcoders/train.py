@@ -8,7 +8,9 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import PreTrainedModel
+
+from crv.lm.encode import TraceEncoder
 
 from crv.transcoders.activations import ActivationStream
 from crv.transcoders.io import save_transcoders
@@ -130,19 +132,19 @@ class _LayerTrainer:
 
 
 def train_transcoders(
-    model: LlamaForCausalLM,
-    tokenizer: PreTrainedTokenizerFast,
+    model: PreTrainedModel,
+    encoder: TraceEncoder,
     cfg: TranscoderTrainConfig,
     out_dir: str | Path | None = None,
     model_name: str = "crv-reasoner",
     progress: bool = True,
     command: str | None = None,
 ) -> list[TopKTranscoder]:
-    """Train one TopK transcoder per layer on activations streamed from CoT text."""
+    """Train one TopK transcoder per layer on activations streamed from CoT traces in ``encoder``'s prompt format."""
     torch.manual_seed(cfg.seed)
     d_model, n_layers = model.config.hidden_size, model.config.num_hidden_layers
     shape = TranscoderShape(d_model, cfg.expansion * d_model, cfg.k)
-    stream = ActivationStream(model, tokenizer, cfg.batch_tokens, cfg.buffer_tokens, seed=cfg.seed)
+    stream = ActivationStream(model, encoder, cfg.batch_tokens, cfg.buffer_tokens, seed=cfg.seed)
     x0, y0 = next(stream)
     gen = torch.Generator().manual_seed(cfg.seed)
     trainers = []
@@ -175,6 +177,6 @@ def train_transcoders(
             bar.set_postfix(fvu=" ".join(f"{s[0]:.3f}" for s in stats))
     transcoders = [t.tc.requires_grad_(False).eval() for t in trainers]
     if out_dir is not None:
-        extra = {"train_config": asdict(cfg), "command": command, "seconds": round(time.time() - start, 1), "log_tail": log[-3:]}
+        extra = {"train_config": asdict(cfg), "prompt_format": encoder.format.name, "command": command, "seconds": round(time.time() - start, 1), "log_tail": log[-3:]}
         save_transcoders(transcoders, out_dir, model_name, extra=extra)
     return transcoders

@@ -1,0 +1,14 @@
+"""The language-model adapter: which architectures crv supports, how a model is loaded or
+imported, how a question and steps become text (prompt formats) and text becomes token ids
+with per-step token spans. Nothing past this package sees characters or file formats."""
+
+from crv.lm.encode import EncodedTrace, TraceEncoder, UnknownCharacterError
+from crv.lm.families import FAMILIES, ModelFamily, UnsupportedModelError, check_supported
+from crv.lm.load import DEFAULT_MODEL_DIR, ModelLoadError, load_model, model_notes
+from crv.lm.prompt import PROMPT_FORMATS, ChatFormat, PlainFormat, default_format_name, make_format
+
+__all__ = [
+    "EncodedTrace", "TraceEncoder", "UnknownCharacterError", "FAMILIES", "ModelFamily", "UnsupportedModelError",
+    "check_supported", "DEFAULT_MODEL_DIR", "ModelLoadError", "load_model", "model_notes", "PROMPT_FORMATS",
+    "ChatFormat", "PlainFormat", "default_format_name", "make_format",
+]
