@@ -105,8 +105,8 @@ def test_full_queue_answers_429(verifier):
     class Slow:
         att, classifier, classifier_id = verifier.att, verifier.classifier, verifier.classifier_id
 
-        def n_tokens(self, q, s):
-            return verifier.n_tokens(q, s)
+        def n_tokens(self, task, q, s):
+            return verifier.n_tokens(task, q, s)
 
         def verify(self, *a, **k):
             entered.set()
