@@ -44,6 +44,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--merge", action="store_true", help="keep the other caps already in --out (runs may be split by cap)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -93,13 +94,17 @@ def main() -> None:
             "same_nodes_as_circuit_tracer": same, "crv_steps_timed": n_steps, "circuit_tracer_graphs": len(prefixes),
         }
         print(json.dumps({cap: caps[str(cap)]}), flush=True)
-    first = caps[str(args.caps[0])]
+    old = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    commands = {str(c): "python benchmarks/smollm2.py " + " ".join(sys.argv[1:]) for c in args.caps}
+    if args.merge and "smollm2" in old:
+        caps = {**old["smollm2"].get("caps", {}), **caps}
+        commands = {**old["smollm2"].get("commands", {}), **commands}
+    first = caps[min(caps, key=int)]
     result = {**first, "caps": caps, "generation": generation, "model": str(args.model), "transcoders": str(args.transcoders),
               "prompt_format": att.prompt_format, "threads": args.threads,
               "note": "crv's ms cover every step of the records (one forward per trace); circuit-tracer's the first "
-                      "step prefixes (its attribute call each); top-level figures are at the first cap",
-              "command": "python benchmarks/smollm2.py " + " ".join(sys.argv[1:])}
-    old = json.loads(args.out.read_text()) if args.out.is_file() else {}
+                      "step prefixes (its attribute call each); top-level figures are at the smallest cap",
+              "commands": commands, "command": " ; ".join(dict.fromkeys(commands.values()))}
     args.out.write_text(json.dumps({**old, "smollm2": result}, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
