@@ -57,7 +57,7 @@ def main() -> None:
         "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
         "train_command": ts.config.get("crv", {}).get("command"),
         "train_seconds": ts.config.get("crv", {}).get("seconds"),
-        "k": ts.shape.k,
+        "k": ts.k,
         "d_transcoder": ts.shape.d_transcoder,
         "targets_met": ok,
         "prompt_format": encoder.format.name,

@@ -43,9 +43,11 @@ def frozen_forward(lin, drop_source=None):
         writes = lin.errors[l].clone() + lin.b_dec[l]
         writes[0] += lin.bos_out[l]  # BOS's MLP output is a constant, not a node
         sel = (lin.features.layer == l).nonzero(as_tuple=True)[0]
-        for i in sel.tolist():
+        for i, vec in zip(sel.tolist(), lin.scaled_decoders(sel)):
             if i != drop_source:
-                writes[lin.features.pos[i]] += lin.features.act[i] * lin.dec[i]
+                writes[lin.features.pos[i]] += vec
+        if lin.W_skip[l] is not None:  # a skip connection is linear in the MLP input
+            writes += (mid * lin.w_post[l] * cap.scale_post[l][:, None]) @ lin.W_skip[l].T
         if drop_source is not None and lin.error_offset <= drop_source < lin.token_offset:
             e = drop_source - lin.error_offset
             if e // T == l:

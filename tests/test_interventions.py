@@ -58,7 +58,7 @@ def test_clamp_changes_the_mlp_output_by_exactly_the_decoder_contribution(att):
     assert acts[feat] > 0
     with feature_patch(att.model, att.transcoders, [FeatureEdit(layer, feat, "clamp")], EditWindow(start=pos, stop=pos + 1)):
         _, y2, _ = mlp_io(att.model, layer, ids)
-    expected = y[0, pos] - acts[feat] * tc.W_dec[feat]
+    expected = y[0, pos] - acts[feat] * tc.decoder_rows(torch.tensor([feat]))[0].float()
     torch.testing.assert_close(y2[0, pos], expected, rtol=1e-5, atol=1e-5)
     others = torch.ones(ids.shape[1], dtype=torch.bool)
     others[pos] = False

@@ -51,11 +51,15 @@ def test_invalid_k_is_rejected():
 def test_save_load_round_trip_is_bit_exact(tmp_path, dtype):
     tcs = [random_transcoder(i, seed=i) for i in range(3)]
     save_transcoders(tcs, tmp_path, "toy", dtype=dtype)
-    loaded = load_transcoders(tmp_path, d_model=SHAPE.d_model, n_layers=3, dtype=dtype)
-    assert loaded.shape == SHAPE
-    for tc, back in zip(tcs, loaded):
-        for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
-            assert torch.equal(getattr(tc, name).to(dtype), getattr(back, name))
+    for resident in (True, False):
+        loaded = load_transcoders(tmp_path, d_model=SHAPE.d_model, n_layers=3, resident=resident)
+        assert (loaded.shape.d_model, loaded.shape.d_transcoder, len(loaded)) == (SHAPE.d_model, SHAPE.d_transcoder, 3)
+        assert loaded.format.activation == "topk_relu" and loaded.k == SHAPE.k
+        everything = torch.arange(SHAPE.d_transcoder)
+        for tc, back in zip(tcs, loaded):
+            assert torch.equal(tc.W_enc.to(dtype), back.encoder_rows(everything))  # weights stay in the file dtype
+            assert torch.equal(tc.W_dec.to(dtype), back.decoder_rows(everything))
+            assert torch.equal(tc.b_enc.to(dtype).float(), back.b_enc) and torch.equal(tc.b_dec.to(dtype).float(), back.b_dec)
 
 
 def test_loader_rejects_missing_layers_and_wrong_shapes(tmp_path):
@@ -133,7 +137,7 @@ def test_shipped_transcoders_meet_targets():
     for q in layer_quality(model, ts, texts, tok.pad_token_id):
         assert q.fvu <= 0.10, q
         assert q.dead_fraction <= 0.10, q
-        assert q.l0 <= ts.shape.k
+        assert q.l0 <= ts.k
 
 
 def test_a_shared_prompt_is_run_once_and_counted_once(tiny_reasoner_dir):

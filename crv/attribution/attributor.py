@@ -13,8 +13,6 @@ All steps of a trace share one forward pass.
 
 from __future__ import annotations
 
-import hashlib
-import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +27,7 @@ from crv.lm.load import DEFAULT_MODEL_DIR, load_model
 from crv.lm.prompt import PlainFormat
 from crv.tasks.schema import Record
 from crv.transcoders.io import TranscoderSet, load_transcoders
+from crv.transcoders.safetensors_file import file_identity
 
 #: where a step's graph is computed: "last" = the step's last token (the paper's "after");
 #: "result" = the token holding the step's "=" (the model is about to write the result; "last" if there is none);
@@ -59,16 +58,9 @@ def step_position(trace: EncodedTrace, k: int, target: str = "last", logits: tor
 
 
 def model_checksum(path: Path) -> str:
-    """Cheap identity (16 hex digits) of a model directory: config, and each weight file's size and header."""
-    h = hashlib.sha256()
-    for name in ("config.json", "tokenizer.json"):
-        if (path / name).is_file():
-            h.update((path / name).read_bytes())
-    for f in sorted(path.glob("*.safetensors")):
-        with f.open("rb") as fh:
-            n = struct.unpack("<Q", fh.read(8))[0]
-            h.update(f"{f.name}:{f.stat().st_size}".encode() + fh.read(n))
-    return h.hexdigest()[:16]
+    """Cheap identity (16 hex digits) of a model directory: config, tokenizer, and each weight file's size and header."""
+    extra = b"".join((path / n).read_bytes() for n in ("config.json", "tokenizer.json") if (path / n).is_file())
+    return file_identity(sorted(path.glob("*.safetensors")), extra)
 
 
 @dataclass
@@ -97,14 +89,18 @@ class Attributor:
         dtype: torch.dtype = torch.float32,
         device: str = "cpu",
         prompt_format: str | None = None,
+        k: int | None = None,
     ) -> "Attributor":
         """Load a local model and its transcoders (defaults: the shipped ones) and check they fit.
 
-        ``prompt_format``: ``plain`` or ``chat`` (default: the model's own, see :mod:`crv.lm.prompt`).
+        ``dtype``: the model's weights (transcoder weights stay in their file dtype; the engine computes in
+        float32). ``device``: ``cpu`` or ``cuda[:i]``, for the model, the transcoder rows and every engine
+        tensor. ``prompt_format``: ``plain`` or ``chat`` (default: the model's own, see :mod:`crv.lm.prompt`).
+        ``k``: TopK size for a set whose config lacks it.
         """
         model_dir = Path(model_dir) if model_dir is not None else DEFAULT_MODEL_DIR
         model, tok = load_model(model_dir, dtype=dtype, device=device)
-        ts = load_transcoders(transcoder_dir, model=model, dtype=dtype, device=device)
+        ts = load_transcoders(transcoder_dir, model=model, device=device, k=k)
         return cls(model, tok, ts, config, model_id=f"{model_dir.name}@{model_checksum(model_dir)}",
                    model_dir=model_dir.resolve(), transcoder_dir=ts.path.resolve(),
                    encoder=trace_encoder(tok, model_dir, prompt_format))

@@ -40,7 +40,7 @@ def completeness(trace: TraceAttribution, pos: int | None = None, batch_size: in
             worst = max(worst, float(err) / scale)
     cfg = trace.config
     tokens, _ = salient_logits(trace.cap.logits[pos], cfg.max_n_logits, cfg.desired_logit_prob)
-    rows, bias = lin.rows(lin.n_layers, torch.full((len(tokens),), pos), lin.logit_reading_vectors(pos, tokens))
+    rows, bias = lin.rows(lin.n_layers, torch.full((len(tokens),), pos, device=lin.device), lin.logit_reading_vectors(pos, tokens))
     centred = trace.cap.logits[pos, tokens] - trace.cap.logits[pos].mean()
     logit_err = float((rows.sum(1) + bias - centred).abs().max() / centred.abs().max().clamp_min(1e-12))
     return Completeness(worst, logit_err, lin.n_features, len(tokens))

@@ -38,7 +38,7 @@ def salient_logits(logits: torch.Tensor, max_n_logits: int, desired_prob: float)
     """Smallest set of top tokens whose probability reaches ``desired_prob`` (at most ``max_n_logits``)."""
     probs = torch.softmax(logits.float(), -1)
     top_p, top_idx = probs.topk(min(max_n_logits, probs.shape[-1]))
-    cutoff = int(torch.searchsorted(top_p.cumsum(0), torch.tensor(desired_prob))) + 1
+    cutoff = int(torch.searchsorted(top_p.cumsum(0), torch.tensor(desired_prob, device=top_p.device))) + 1
     return top_idx[:cutoff], top_p[:cutoff]
 
 
@@ -67,50 +67,60 @@ class RowCache:
     """Feature edge rows of one trace, each computed once, stored compactly per target layer.
 
     A layer-``l`` feature only has edges from features and errors of layers ``< l`` and from
-    tokens, so its row is stored over those source columns only.
+    tokens, so its row is stored over those source columns only. Rows are kept in the order
+    they were computed (a per-layer store that grows by doubling), so memory follows the rows
+    visited, never the number of active features.
     """
 
     def __init__(self, lin: LinearReplacement, batch_size: int):
         self.lin, self.batch_size = lin, batch_size
+        dev = self.device = lin.device
         L, T, off = lin.n_layers, lin.n_pos, lin.layer_offsets
         self.columns: list[torch.Tensor] = []
         self.colmap: list[torch.Tensor] = []
         for l in range(L):
             cols = torch.cat([
-                torch.arange(off[l]),
-                lin.error_offset + torch.arange(l * T),
-                lin.token_offset + torch.arange(T),
+                torch.arange(off[l], device=dev),
+                lin.error_offset + torch.arange(l * T, device=dev),
+                lin.token_offset + torch.arange(T, device=dev),
             ])
-            cmap = torch.full((lin.n_sources,), -1, dtype=torch.long)
-            cmap[cols] = torch.arange(len(cols))
+            cmap = torch.full((lin.n_sources,), -1, dtype=torch.long, device=dev)
+            cmap[cols] = torch.arange(len(cols), device=dev)
             self.columns.append(cols)
             self.colmap.append(cmap)
-        self.blocks: list[torch.Tensor | None] = [None] * L
-        self.done = torch.zeros(lin.n_features, dtype=torch.bool)
-        self.abs_sum = torch.zeros(lin.n_features)  # sum of |edges| of each row
+        self.store: list[torch.Tensor] = [torch.empty(0, len(c), device=dev) for c in self.columns]
+        self.filled = [0] * L
+        self.slot = torch.full((lin.n_features,), -1, dtype=torch.long, device=dev)  # row of each feature in its store
+        self.abs_sum = torch.zeros(lin.n_features, device=dev)  # sum of |edges| of each row
         self.rows_computed = 0
+
+    def _append(self, layer: int, rows: torch.Tensor) -> torch.Tensor:
+        """Append rows to a layer's store; returns their slots."""
+        n, store = len(rows), self.store[layer]
+        start = self.filled[layer]
+        if start + n > len(store):
+            grown = torch.empty(max(2 * len(store), start + n, 64), store.shape[1], device=self.device)
+            grown[:start] = store[:start]
+            self.store[layer] = store = grown
+        store[start : start + n] = rows
+        self.filled[layer] = start + n
+        return torch.arange(start, start + n, device=self.device)
 
     def ensure(self, idx: torch.Tensor) -> None:
         """Compute the rows of features ``idx`` that are not cached yet."""
         lin = self.lin
-        missing = idx[~self.done[idx]].unique()
+        missing = idx[self.slot[idx] < 0].unique()
         if len(missing) == 0:
             return
         layers = lin.features.layer[missing]
         for layer in layers.unique().tolist():
             sel = missing[layers == layer]
             sel = sel[lin.features.pos[sel].argsort(stable=True)]  # short position range per batch
-            if self.blocks[layer] is None:
-                n_l = lin.layer_offsets[layer + 1] - lin.layer_offsets[layer]
-                # rows are written before they are read (ensure), so untouched rows cost no memory
-                self.blocks[layer] = torch.empty(n_l, len(self.columns[layer]))
-            block = self.blocks[layer]
             for start in range(0, len(sel), self.batch_size):
                 chunk = sel[start : start + self.batch_size]
                 rows, _ = lin.rows(layer, lin.features.pos[chunk], lin.feature_reading_vectors(chunk))
-                block[chunk - lin.layer_offsets[layer]] = rows[:, self.columns[layer]]
+                self.slot[chunk] = self._append(layer, rows[:, self.columns[layer]])
                 self.abs_sum[chunk] = rows.abs().sum(1)
-                self.done[chunk] = True
                 self.rows_computed += len(chunk)
 
     def gather(self, idx: torch.Tensor, cols: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -120,21 +130,20 @@ class RowCache:
         """
         self.ensure(idx)
         if out is None:
-            out = torch.zeros(len(idx), len(cols))
+            out = torch.zeros(len(idx), len(cols), device=self.device)
         layers = self.lin.features.layer[idx]
         for layer in layers.unique().tolist():
             where = (layers == layer).nonzero(as_tuple=True)[0]
             m = self.colmap[layer][cols]
             keep = (m >= 0).nonzero(as_tuple=True)[0]
-            local = idx[where] - self.lin.layer_offsets[layer]
-            sub = self.blocks[layer].index_select(0, local).index_select(1, m[keep])
+            sub = self.store[layer].index_select(0, self.slot[idx[where]]).index_select(1, m[keep])
             w0, w1 = int(where[0]), int(where[-1]) + 1
             if len(keep) == len(cols):
                 out.index_copy_(0, where, sub)
             elif w1 - w0 == len(where):  # rows of one layer are contiguous when idx is sorted by layer
                 out[w0:w1].index_copy_(1, keep, sub)
             else:
-                out.index_copy_(0, where, torch.zeros(len(where), len(cols)).index_copy_(1, keep, sub))
+                out.index_copy_(0, where, torch.zeros(len(where), len(cols), device=self.device).index_copy_(1, keep, sub))
         return out
 
 
@@ -163,10 +172,12 @@ class TraceAttribution:
     # ---------------------------------------------------------------- rows
     def feature_rows(self, idx: torch.Tensor) -> torch.Tensor:
         """Full edge rows (over all sources of the trace) of features ``idx``, computed once each."""
-        return self.cache.gather(idx, torch.arange(self.lin.n_sources))
+        return self.cache.gather(idx.to(self.lin.device), torch.arange(self.lin.n_sources, device=self.lin.device))
 
     def logit_rows(self, pos: int, tokens: torch.Tensor) -> torch.Tensor:
-        rows, _ = self.lin.rows(self.lin.n_layers, torch.full((len(tokens),), pos), self.lin.logit_reading_vectors(pos, tokens))
+        dev = self.lin.device
+        rows, _ = self.lin.rows(self.lin.n_layers, torch.full((len(tokens),), pos, device=dev),
+                                self.lin.logit_reading_vectors(pos, tokens.to(dev)))
         return rows
 
     # ---------------------------------------------------------------- graphs
@@ -177,11 +188,11 @@ class TraceAttribution:
         pos = T - 1 if pos is None else pos
         if not 0 <= pos < T:
             raise IndexError(f"position {pos} out of range 0..{T - 1}")
-        n_pos, L = pos + 1, lin.n_layers
+        n_pos, L, dev = pos + 1, lin.n_layers, lin.device
         feats = (lin.features.pos <= pos).nonzero(as_tuple=True)[0]
         n_f = len(feats)
-        error_cols = torch.cat([lin.error_offset + l * T + torch.arange(n_pos) for l in range(L)])
-        token_cols = lin.token_offset + torch.arange(n_pos)
+        error_cols = torch.cat([lin.error_offset + l * T + torch.arange(n_pos, device=dev) for l in range(L)])
+        token_cols = lin.token_offset + torch.arange(n_pos, device=dev)
         nonfeature_cols = torch.cat([error_cols, token_cols])
         tokens, probs = salient_logits(self.cap.logits[pos], cfg.max_n_logits, cfg.desired_logit_prob)
         n_logits = len(tokens)
@@ -189,27 +200,28 @@ class TraceAttribution:
 
         budget = n_f if cfg.max_feature_nodes is None else min(cfg.max_feature_nodes, n_f)
         if budget == n_f:
-            selected = torch.arange(n_f)
+            selected = torch.arange(n_f, device=dev)
         else:
             selected = self._greedy(feats, logit_rows, probs, budget)
 
         chosen = feats[selected]
         cols = torch.cat([chosen, nonfeature_cols])
         n_nodes = len(cols) + n_logits
-        adjacency = torch.zeros(n_nodes, n_nodes)
+        adjacency = torch.zeros(n_nodes, n_nodes, device=dev)
         self.cache.gather(chosen, cols, out=adjacency[: len(chosen), : len(cols)])
         adjacency[-n_logits:, : len(cols)] = logit_rows[:, cols]
         active = torch.stack([lin.features.layer[feats], lin.features.pos[feats], lin.features.feat[feats]], 1)
         meta = {**self.meta, "position": pos, "step_index": step_index, "settings": asdict(cfg),
                 "n_active_features": n_f}
+        cpu = torch.device("cpu")  # graphs leave the engine on the CPU, whatever device computed them
         return Graph(
             tokens=self.cap.ids[:n_pos].clone(),
-            active_features=active,
-            activation_values=lin.features.act[feats].clone(),
-            selected_features=selected,
-            adjacency=adjacency,
-            logit_tokens=tokens,
-            logit_probabilities=probs,
+            active_features=active.to(cpu),
+            activation_values=lin.features.act[feats].to(cpu, copy=True),
+            selected_features=selected.to(cpu),
+            adjacency=adjacency.to(cpu),
+            logit_tokens=tokens.to(cpu),
+            logit_probabilities=probs.to(cpu),
             n_layers=L,
             meta=meta,
         )
@@ -219,11 +231,11 @@ class TraceAttribution:
         cfg, lin = self.config, self.lin
         n_f = len(feats)
         layer_of = lin.features.layer[feats]
-        below = torch.searchsorted(layer_of, torch.arange(lin.n_layers)).tolist()  # k_l: prefix features below layer l
+        below = torch.searchsorted(layer_of, torch.arange(lin.n_layers, device=lin.device)).tolist()  # k_l: prefix features below layer l
         absl = logit_rows.abs()
         logit_norm = absl[:, feats] / absl.sum(1, keepdim=True).clamp_min(1e-8)
         layer_rows: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(lin.n_layers)]
-        visited = torch.zeros(n_f, dtype=torch.bool)
+        visited = torch.zeros(n_f, dtype=torch.bool, device=lin.device)
         n_visited = 0
         while n_visited < budget:
             influence = layered_influences(logit_norm, probs, layer_rows)

@@ -48,11 +48,12 @@ class LinearReplacement:
     def __init__(self, model: PreTrainedModel, transcoders: TranscoderSet, cap: ForwardCapture):
         cfg = model.config
         self.cap = cap
+        self.device = dev = cap.embed.device  # every tensor below lives here (the model's device)
         self.n_layers, self.n_pos, self.d = cfg.num_hidden_layers, cap.n_pos, cfg.hidden_size
         self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.d_head = getattr(cfg, "head_dim", None) or self.d // self.n_heads
         layers = model.model.layers
-        f32 = lambda t: t.detach().float().cpu()  # noqa: E731
+        f32 = lambda t: t.detach().to(device=dev, dtype=torch.float32)  # noqa: E731  (no copy when already fp32 there)
         self.W_O = [f32(l.self_attn.o_proj.weight) for l in layers]  # [d, H*dh]
         self.W_V = [f32(l.self_attn.v_proj.weight) for l in layers]  # [Hkv*dh, d]
         self.v_bias = [None if l.self_attn.v_proj.bias is None else f32(l.self_attn.v_proj.bias) for l in layers]
@@ -66,60 +67,87 @@ class LinearReplacement:
         # ---- transcoders: active features, errors, per-position padded decoder blocks
         L, T = self.n_layers, self.n_pos
         layer_l, pos_l, feat_l, act_l = [], [], [], []
-        self.errors = torch.zeros(L, T, self.d)
-        self.b_dec = torch.zeros(L, self.d)
-        self.bos_out = torch.zeros(L, self.d)
+        self.errors = torch.zeros(L, T, self.d, device=dev)
+        self.b_dec = torch.zeros(L, self.d, device=dev)
+        self.bos_out = torch.zeros(L, self.d, device=dev)
+        #: skip connections (W_skip) of each layer, or None: the MLP then passes a linear function of its input on
+        self.W_skip: list[torch.Tensor | None] = []
         enc_rows, dec_rows, b_enc = [], [], []
         for l in range(L):
             tc = transcoders[l]
             x = cap.mlp_in[l]
-            acts = tc.encode(x.to(tc.W_enc.dtype)).float()
+            acts = tc.encode(x).to(dev)
             acts[0] = 0.0  # no features at BOS
-            recon = acts @ tc.W_dec.float() + tc.b_dec.float()
+            p, f = acts.nonzero(as_tuple=True)
+            values = acts[p, f]
+            dec = tc.decoder_rows(f).to(dev)  # only the active features' rows are read
+            recon = torch.zeros(T, self.d, device=dev).index_add_(0, p, dec.float() * values[:, None]) + tc.b_dec.to(dev)
+            skip = None if tc.W_skip is None else tc.W_skip.to(dev)
+            if skip is not None:
+                recon += x @ skip.T
+            self.W_skip.append(skip)
             self.errors[l] = cap.mlp_out[l] - recon
             # as in circuit-tracer, nothing at position 0 is a node: BOS's MLP output counts as a constant
             self.bos_out[l] = self.errors[l, 0]
             self.errors[l, 0] = 0.0
-            self.b_dec[l] = tc.b_dec.float()
-            p, f = acts.nonzero(as_tuple=True)
+            self.b_dec[l] = tc.b_dec.to(dev)
             layer_l.append(torch.full_like(p, l))
             pos_l.append(p)
             feat_l.append(f)
-            act_l.append(acts[p, f])
-            enc_rows.append(tc.W_enc[f].float())
-            dec_rows.append(tc.W_dec[f].float())
-            b_enc.append(tc.b_enc[f].float())
+            act_l.append(values)
+            enc_rows.append(tc.encoder_rows(f).to(dev))
+            dec_rows.append(dec)
+            b_enc.append(tc.b_enc.to(dev)[f])
         self.features = ActiveFeatures(
             torch.cat(layer_l), torch.cat(pos_l), torch.cat(feat_l), torch.cat(act_l), torch.cat(act_l).clone()
         )
+        #: encoder rows of the active features, in the transcoders' storage dtype (upcast per batch of targets)
         self.enc = torch.cat(enc_rows)  # [n, d]
-        self.dec = torch.cat(dec_rows)  # [n, d]
         self.b_enc = torch.cat(b_enc)  # [n]
         self.n_features = len(self.features)
         self.error_offset = self.n_features
         self.token_offset = self.n_features + L * T
         self.n_sources = self.token_offset + T
-        self._blocks = [self._decoder_block(l) for l in range(L)]
-        # the factored backward pass assumes no attention biases (standard Llama)
-        self.factored = all(b is None for b in self.v_bias + self.o_bias)
+        dec_all = torch.cat(dec_rows)
+        self._blocks = [self._decoder_block(l, dec_all) for l in range(L)]
+        # the factored backward pass assumes no attention biases (standard Llama) and no skip connections
+        self.factored = all(b is None for b in self.v_bias + self.o_bias) and all(w is None for w in self.W_skip)
         #: first feature index of each layer (features are sorted by layer), plus the total
-        self.layer_offsets = torch.searchsorted(self.features.layer, torch.arange(L + 1)).tolist()
+        self.layer_offsets = torch.searchsorted(self.features.layer, torch.arange(L + 1, device=dev)).tolist()
 
     # ------------------------------------------------------------------ sources
-    def _decoder_block(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per position: activation-scaled decoder vectors [T, kmax, d] and their source index [T, kmax] (-1 = none)."""
+    def _decoder_block(self, layer: int, dec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per position: decoder vectors [T, kmax, d], their activations [T, kmax] and source index [T, kmax] (-1 = none).
+
+        Vectors stay in the decoder's storage dtype (bf16 stays bf16); :meth:`rows` upcasts a layer's block when it
+        reads it and scales by the float32 activations, so bf16 weights give the float32 result of their values.
+        """
+        dev = self.device
         sel = (self.features.layer == layer).nonzero(as_tuple=True)[0]
         pos = self.features.pos[sel]
         counts = torch.bincount(pos, minlength=self.n_pos)
         kmax = int(counts.max()) if len(sel) else 1
-        vecs = torch.zeros(self.n_pos, kmax, self.d)
-        index = torch.full((self.n_pos, kmax), -1, dtype=torch.long)
+        vecs = torch.zeros(self.n_pos, kmax, self.d, device=dev, dtype=dec.dtype)
+        acts = torch.zeros(self.n_pos, kmax, device=dev)
+        index = torch.full((self.n_pos, kmax), -1, dtype=torch.long, device=dev)
         # slot of each feature within its position (features are sorted by position)
         starts = torch.cumsum(counts, 0) - counts
-        slot = torch.arange(len(sel)) - starts[pos]
-        vecs[pos, slot] = self.dec[sel] * self.features.act[sel, None]
+        slot = torch.arange(len(sel), device=dev) - starts[pos]
+        vecs[pos, slot] = dec[sel]
+        acts[pos, slot] = self.features.act[sel]
         index[pos, slot] = sel
-        return vecs, index
+        return vecs, acts, index
+
+    def scaled_decoders(self, idx: torch.Tensor) -> torch.Tensor:
+        """What features ``idx`` write (activation x decoder row), float32 ``[n, d]``."""
+        out = torch.empty(len(idx), self.d, device=self.device)
+        for layer in self.features.layer[idx].unique().tolist():
+            where = (self.features.layer[idx] == layer).nonzero(as_tuple=True)[0]
+            vecs, acts, index = self._blocks[layer]
+            for w in where.tolist():
+                t, k = (index == idx[w]).nonzero(as_tuple=True)
+                out[w] = vecs[t[0], k[0]].float() * acts[t[0], k[0]]
+        return out
 
     def error_index(self, layer: int, pos: torch.Tensor | int) -> torch.Tensor | int:
         return self.error_offset + layer * self.n_pos + pos
@@ -129,7 +157,7 @@ class LinearReplacement:
         """Reading vectors at ``mid_l`` of features ``idx`` (pre-activation = v . mid_l[pos] + b_enc)."""
         layers, pos = self.features.layer[idx], self.features.pos[idx]
         w_post = torch.stack(self.w_post)[layers]  # [n, d]
-        return self.enc[idx] * w_post * self.cap.scale_post[layers, pos][:, None]
+        return self.enc[idx].float() * w_post * self.cap.scale_post[layers, pos][:, None]
 
     def logit_reading_vectors(self, pos: int, tokens: torch.Tensor) -> torch.Tensor:
         """Reading vectors at ``r_L`` of the centred logits (logit minus its mean over the vocabulary)."""
@@ -154,7 +182,7 @@ class LinearReplacement:
 
     def _bias_through_attention(self, layer: int, G: torch.Tensor) -> torch.Tensor:
         """Contribution of v_proj / o_proj biases of a layer to the reads (zero for standard Llama)."""
-        out = torch.zeros(G.shape[0])
+        out = torch.zeros(G.shape[0], device=self.device)
         if self.o_bias[layer] is not None:
             out += (G @ self.o_bias[layer]).sum(1)
         if self.v_bias[layer] is not None:
@@ -198,8 +226,8 @@ class LinearReplacement:
         B = vectors.shape[0]
         T = int(pos.max()) + 1
         vecs = vectors[:, None, :].clone()  # [B, R=1, d]
-        coef = torch.zeros(B, 1, T)
-        coef[torch.arange(B), 0, pos] = 1.0
+        coef = torch.zeros(B, 1, T, device=self.device)
+        coef[torch.arange(B, device=self.device), 0, pos] = 1.0
         G: torch.Tensor | None = None  # dense form, once the factored one stops paying off
 
         def attn_back(j: int) -> None:
@@ -214,8 +242,8 @@ class LinearReplacement:
         def dense() -> torch.Tensor:
             return G if G is not None else torch.einsum("brt,brd->btd", coef, vecs)
 
-        rows = torch.zeros(B, self.n_sources)
-        bias = torch.zeros(B)
+        rows = torch.zeros(B, self.n_sources, device=self.device)
+        bias = torch.zeros(B, device=self.device)
         j = layer
         if j < self.n_layers:
             bias += self._bias_through_attention(j, dense())
@@ -226,8 +254,8 @@ class LinearReplacement:
                 rows[:, self.token_offset : self.token_offset + T] = torch.einsum("btd,td->bt", D, self.cap.embed[:T])
                 break
             src = j - 1
-            block, index = self._blocks[src]
-            contrib = torch.einsum("btd,tkd->btk", D, block[:T])  # [B, T, kmax]
+            block, acts, index = self._blocks[src]
+            contrib = torch.einsum("btd,tkd->btk", D, block[:T].float()) * acts[:T]  # [B, T, kmax]
             idx = index[:T]
             valid = idx >= 0
             rows[:, idx[valid]] = contrib[:, valid]
@@ -235,6 +263,8 @@ class LinearReplacement:
             rows[:, start : start + T] = torch.einsum("btd,td->bt", D, self.errors[src, :T])
             bias += (D @ self.b_dec[src]).sum(1) + D[:, 0] @ self.bos_out[src]
             j = src
+            if self.W_skip[j] is not None:  # the MLP's skip passes r_{j+1}'s gradient on to mid_j through its input
+                G = D = D + (D @ self.W_skip[j]) * self.w_post[j] * self.cap.scale_post[j, :T, None]
             bias += self._bias_through_attention(j, D)
             attn_back(j)
         return rows, bias

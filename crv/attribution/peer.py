@@ -5,10 +5,14 @@
     report = compare_graphs(crv_graph, peer.graph(ids, config))
 
 The library never needs circuit-tracer; this module imports it lazily and is
-used by the peer test and ``benchmarks/attribution.py``. Facts it relies on:
-circuit-tracer's transcoder loader ignores the TopK activation of the
-config, so each loaded transcoder gets a TopK(+ReLU) activation here; its
-nnsight backend loads a local Llama directory without the hub.
+used by the peer tests and ``benchmarks/attribution.py``. Facts it relies on:
+circuit-tracer 0.5.0's ``load_transcoder_set`` picks JumpReLU when a file holds
+``activation_function.threshold`` and ReLU otherwise, whatever the config says; so
+``relu`` and ``jumprelu`` sets (with or without ``W_skip``) run on circuit-tracer as
+it loads them, unpatched. A ``topk`` set gets circuit-tracer's own ``TopK`` class (its
+hub loader does the same for the CRV 8B set). Only ``topk_relu`` -- crv's own trained
+sets -- has no circuit-tracer activation; there, and only there, each transcoder gets
+:class:`TopKReLU`. Its nnsight backend loads a local Llama directory without the hub.
 
 Deliberate difference, none in the numbers: crv keeps the BOS position's MLP
 output as a constant (no error node, no features at position 0), exactly as
@@ -28,6 +32,7 @@ from torch import nn
 
 from crv.attribution.engine import AttributionConfig
 from crv.attribution.graph import Graph
+from crv.transcoders.io import TranscoderSet
 
 
 class TopKReLU(nn.Module):
@@ -79,22 +84,29 @@ class CircuitTracerPeer:
             from circuit_tracer.transcoder.single_layer_transcoder import load_transcoder_set
         except ImportError as e:  # pragma: no cover - depends on the environment
             raise ImportError("circuit-tracer is not installed: pip install -e '.[peer]'") from e
+        from circuit_tracer.transcoder.activation_functions import TopK
+
         transcoder_dir = Path(transcoder_dir)
+        mine = TranscoderSet(transcoder_dir)
+        fmt = mine.format
         cfg = yaml.safe_load((transcoder_dir / "config.yaml").read_text())
-        paths = {i: str(transcoder_dir / Path(name).name) for i, name in enumerate(cfg["transcoders"])}
+        paths = {i: str(f.path) for i, f in enumerate(mine.files)}
         cpu = torch.device("cpu")
         ts = load_transcoder_set(
             paths,
             scan=str(cfg.get("model_name", "crv")),
-            feature_input_hook=cfg["feature_input_hook"],
-            feature_output_hook=cfg["feature_output_hook"],
+            feature_input_hook=fmt.input_hook,
+            feature_output_hook=fmt.output_hook,
             device=cpu,
             dtype=torch.float32,
             lazy_encoder=False,
             lazy_decoder=False,
         )
         for t in ts:
-            t.activation_function = TopKReLU(int(cfg["k"]))
+            if fmt.activation == "topk":
+                t.activation_function = TopK(fmt.k)
+            elif fmt.activation == "topk_relu":
+                t.activation_function = TopKReLU(fmt.k)
         rm = ReplacementModel.from_pretrained_and_transcoders(str(model_dir), ts, backend="nnsight", device=cpu, dtype=torch.float32)
         return cls(rm)
 

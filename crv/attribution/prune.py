@@ -54,7 +54,7 @@ def threshold_for(scores: torch.Tensor, fraction: float) -> torch.Tensor:
     """Smallest score kept so that the kept scores sum to ``fraction`` of the total."""
     values = scores.flatten().sort(descending=True).values
     cum = values.cumsum(0) / values.sum().clamp_min(1e-12)
-    k = int(torch.searchsorted(cum, torch.tensor(fraction, dtype=cum.dtype)))
+    k = int(torch.searchsorted(cum, torch.tensor(fraction, dtype=cum.dtype, device=cum.device)))
     return values[min(k, len(values) - 1)]
 
 
@@ -70,7 +70,7 @@ def prune(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.9
     A = graph.adjacency
     n = A.shape[0]
     n_keep_always = graph.n_pos + graph.n_logits
-    weights = torch.zeros(n)
+    weights = torch.zeros(n, device=graph.adjacency.device)
     weights[-graph.n_logits :] = graph.logit_probabilities
     influence = node_influence(A, weights)
     node_mask = influence >= threshold_for(influence, node_threshold)

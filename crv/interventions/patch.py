@@ -91,9 +91,9 @@ def feature_patch(model: LlamaForCausalLM, transcoders: TranscoderSet, edits: Se
             mask = window.mask(x.shape[1], x.device)
             if not mask.any():
                 return output
-            acts = tc.encode(x[:, mask].to(tc.W_enc.dtype))[..., feats]  # [B, m, n_edits]
+            acts = tc.encode(x[:, mask])[..., feats]  # [B, m, n_edits]
             new = torch.stack([e.new_activation(acts[..., i]) for i, e in enumerate(layer_edits)], -1)
-            delta = (new - acts) @ tc.W_dec[feats]
+            delta = (new - acts) @ tc.decoder_rows(feats).float()
             output = output.clone()
             output[:, mask] += delta.to(output.dtype)
             return output

@@ -62,11 +62,11 @@ def layer_quality(
         count += x.shape[1]
         for i in range(n_layers):
             feats = transcoders[i].encode(x[i])
-            recon = transcoders[i].decode(feats)
+            recon = transcoders[i].decode(feats, x[i])
             err[i] += (recon - y[i]).double().pow(2).sum()
             sq[i] += y[i].double().pow(2).sum()
             total[i] += y[i].double().sum(0)
-            active = feats > 0
+            active = feats != 0  # TopK without ReLU keeps negative activations too
             l0[i] += active.sum()
             fired[i] |= active.any(0)
     mean_sq = total.pow(2).sum(-1) / count  # = count * |mean|^2
