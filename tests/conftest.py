@@ -70,3 +70,25 @@ def live_server(verifier):
     yield SimpleNamespace(url=url, verifier=verifier)
     server.should_exit = True
     thread.join(10)
+
+
+@pytest.fixture(scope="session")
+def tiny_gqa_llama_dir(tmp_path_factory):
+    """A random 2-layer Llama with grouped-query attention (like Llama-3.1-8B) and non-trivial norm gains, saved."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from crv.reasoner.tokenizer import build_tokenizer
+
+    torch.manual_seed(0)
+    tok = build_tokenizer()
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model = LlamaForCausalLM(cfg)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.data = 1 + 0.2 * torch.randn_like(p)
+    out = tmp_path_factory.mktemp("tiny_gqa_llama")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out

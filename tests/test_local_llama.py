@@ -2,12 +2,10 @@
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from crv.attribution.attributor import Attributor
 from crv.attribution.checks import completeness
 from crv.attribution.engine import AttributionConfig
-from crv.reasoner.tokenizer import build_tokenizer
 from crv.tasks.cot import generate_problems
 from crv.tasks.label import label_output
 from crv.transcoders.io import TranscoderLoadError, save_transcoders
@@ -15,20 +13,10 @@ from crv.transcoders.transcoder import TopKTranscoder, TranscoderShape
 
 
 @pytest.fixture(scope="module")
-def local_dirs(tmp_path_factory):
-    """A random 2-layer Llama with grouped-query attention (like Llama-3.1-8B) and random transcoders."""
+def local_dirs(tiny_gqa_llama_dir, tmp_path_factory):
+    """The tiny GQA Llama and random crv-format (TopK + ReLU) transcoders for it."""
     torch.manual_seed(0)
-    tok = build_tokenizer()
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    model = LlamaForCausalLM(cfg)
-    for name, p in model.named_parameters():
-        if name.endswith("norm.weight"):
-            p.data = 1 + 0.2 * torch.randn_like(p)  # non-trivial RMSNorm gains
     root = tmp_path_factory.mktemp("local")
-    model.save_pretrained(root / "llama")
-    tok.save_pretrained(root / "llama")
     shape = TranscoderShape(d_model=32, d_transcoder=96, k=6)
     tcs = []
     for layer in range(2):
@@ -37,7 +25,7 @@ def local_dirs(tmp_path_factory):
             p.data = 0.3 * torch.randn_like(p)
         tcs.append(tc)
     save_transcoders(tcs, root / "tc", model_name="tiny-llama", dtype=torch.float32)
-    return root / "llama", root / "tc"
+    return tiny_gqa_llama_dir, root / "tc"
 
 
 def test_local_llama_and_transcoders_give_complete_graphs(local_dirs):
