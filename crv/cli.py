@@ -20,20 +20,44 @@ def _load(fn):  # type: ignore[no-untyped-def]
     """Run a loader; a model, transcoder set or prompt format that cannot be used becomes a CLI error naming the fix."""
     from crv.lm.families import UnsupportedModelError
     from crv.lm.load import ModelLoadError
-    from crv.transcoders.io import TranscoderLoadError
+    from crv.transcoders.formats import TranscoderFormatError
 
     try:
         return fn()
-    except (ModelLoadError, UnsupportedModelError, TranscoderLoadError, FileNotFoundError) as e:
+    except (ModelLoadError, UnsupportedModelError, TranscoderFormatError, FileNotFoundError) as e:
         raise typer.BadParameter(str(e)) from e
     except ValueError as e:  # e.g. an unknown prompt format, or chat without a chat template
         raise typer.BadParameter(str(e), param_hint="--prompt-format") from e
 
 
-def _attributor(model: Optional[Path], transcoders: Optional[Path], config, prompt_format: Optional[str]):  # type: ignore[no-untyped-def]
+#: engine options shared by attribute, evaluate and serve
+DEVICE_OPTION = typer.Option("cpu", help="cpu or cuda[:i]: where the model, the active transcoder rows and every engine tensor live.")
+DTYPE_OPTION = typer.Option("float32", help="Model weights: float32, bfloat16 or float16 (transcoder weights stay in their "
+                                            "file dtype; the engine computes in float32).")
+BATCH_OPTION = typer.Option(64, help="Feature rows computed per batch (larger is faster on a GPU, needs more memory).")
+K_OPTION = typer.Option(None, "--k", help="TopK size for a transcoder set whose config.yaml has no k "
+                                          "(e.g. 128 for facebook/crv-8b-instruct-transcoders, which crv also recognises).")
+
+
+def _attributor(model: Optional[Path], transcoders: Optional[Path], config, prompt_format: Optional[str],  # type: ignore[no-untyped-def]
+                device: str = "cpu", dtype: str = "float32", k: Optional[int] = None):
     from crv.attribution.attributor import Attributor
 
-    return _load(lambda: Attributor.load(model, transcoders, config, prompt_format=prompt_format))
+    def load():  # type: ignore[no-untyped-def]
+        att = Attributor.load(model, transcoders, config, dtype=_dtype(dtype), device=device, prompt_format=prompt_format, k=k)
+        typer.echo(f"transcoders: {att.transcoders.describe()}", err=True)
+        return att
+
+    return _load(load)
+
+
+def _dtype(name: str):  # type: ignore[no-untyped-def]
+    from crv.lm.load import parse_dtype
+
+    try:
+        return parse_dtype(name)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--dtype") from e
 
 
 def _model_and_encoder(model: Optional[Path], prompt_format: Optional[str]):  # type: ignore[no-untyped-def]
@@ -220,6 +244,10 @@ def attribute_cmd(
     max_feature_nodes: int = typer.Option(4096, help="Feature-node cap (0: uncapped)."),
     limit: int = typer.Option(0, help="Only the first N records (0: all)."),
     export_circuit_tracer: bool = typer.Option(False, help="Also write circuit-tracer frontend JSON per graph."),
+    device: str = DEVICE_OPTION,
+    dtype: str = DTYPE_OPTION,
+    batch_size: int = BATCH_OPTION,
+    k: Optional[int] = K_OPTION,
 ) -> None:
     """Build one attribution graph per step of every record and save them."""
     from tqdm.auto import tqdm
@@ -231,7 +259,8 @@ def attribute_cmd(
     recs = read_records(records)
     if limit:
         recs = recs[:limit]
-    att = _attributor(model, transcoders, AttributionConfig(max_feature_nodes=max_feature_nodes or None), prompt_format)
+    att = _attributor(model, transcoders, AttributionConfig(max_feature_nodes=max_feature_nodes or None, batch_size=batch_size),
+                      prompt_format, device, dtype, k)
     n = 0
     for rec in tqdm(recs, desc="attribute", unit="trace"):
         for g in att.iter_step_graphs(rec):
@@ -265,6 +294,10 @@ def evaluate_cmd(
     address: Optional[str] = typer.Option(None, help="Ray cluster to join (auto, ray://host:port); default: start one here."),
     workers: int = typer.Option(2, help="Ray workers (one actor each, holding the model once)."),
     threads: int = typer.Option(0, help="torch threads (0: default; per worker with --executor ray)."),
+    device: str = DEVICE_OPTION,
+    dtype: str = DTYPE_OPTION,
+    batch_size: int = BATCH_OPTION,
+    k: Optional[int] = K_OPTION,
 ) -> None:
     """Evaluate CRV against the baselines on a labelled CoT dataset (AUROC / AUPR / FPR@95, ablation, transfer)."""
     import torch
@@ -289,7 +322,8 @@ def evaluate_cmd(
               else LocalExecutor())
     if threads:
         torch.set_num_threads(threads)
-    att = _attributor(model, transcoders, AttributionConfig(max_feature_nodes=max_feature_nodes or None), prompt_format)
+    att = _attributor(model, transcoders, AttributionConfig(max_feature_nodes=max_feature_nodes or None, batch_size=batch_size),
+                      prompt_format, device, dtype, k)
     if data:
         records = [r for path in data for r in read_records(path)]
     else:
@@ -401,6 +435,11 @@ def serve_cmd(
     threshold: float = typer.Option(0.5, help="p_faulty at or above which a step is flagged."),
     max_queue: int = typer.Option(16, help="Requests that may wait for the model (429 beyond)."),
     threads: int = typer.Option(2, help="torch threads of the model thread."),
+    max_feature_nodes: Optional[int] = typer.Option(None, help="Feature-node cap (default: the classifier's training setting; 0: uncapped)."),
+    device: str = DEVICE_OPTION,
+    dtype: str = DTYPE_OPTION,
+    batch_size: int = BATCH_OPTION,
+    k: Optional[int] = K_OPTION,
 ) -> None:
     """Serve the step-verification API and trace viewer (API key from $CRV_API_KEY)."""
     import os
@@ -417,7 +456,8 @@ def serve_cmd(
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--host") from e
     torch.set_num_threads(1)  # the model runs on its own thread (with `threads`); see crv/api/app.py
-    verifier = _load(lambda: Verifier.load(model, transcoders, classifier, threshold, prompt_format))
+    verifier = _load(lambda: Verifier.load(model, transcoders, classifier, threshold, prompt_format, device=device,
+                                           dtype=_dtype(dtype), k=k, max_feature_nodes=max_feature_nodes, batch_size=batch_size))
     typer.echo(f"crv serve: {verifier.att.model_id}, classifier {verifier.classifier_id}; http://{host}:{port}/ (docs at /docs)")
     uvicorn.run(create_app(verifier, ServiceSettings(max_queue=max_queue, api_key=key, torch_threads=threads)), host=host, port=port, log_level="warning")
 

@@ -192,3 +192,25 @@ def test_no_engine_tensor_is_created_without_a_device(tiny_gqa_llama_dir, tmp_pa
     with torch.device("meta"):
         g = TraceAttribution(att.model, att.transcoders, ids, att.config).graph()
     assert g.adjacency.device.type == "cpu" and torch.equal(g.adjacency, ref.adjacency)
+
+
+def test_cli_names_the_k_fix_and_takes_engine_options(tiny_gqa_llama_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from crv.cli import app
+    from crv.tasks.cot import generate_problems
+    from crv.tasks.label import label_output
+    from crv.tasks.schema import write_records
+
+    prob = generate_problems("arith", 3, 1, seed=2)[0]
+    rec = label_output(prob, prob.completion)
+    write_records([rec], tmp_path / "r.jsonl")
+    tc_dir = make_set(tmp_path / "tc", "topk", skip=False)
+    _write_config(tc_dir, k=None)
+    args = ["attribute", str(tmp_path / "r.jsonl"), "--model", str(tiny_gqa_llama_dir), "--transcoders", str(tc_dir),
+            "--out", str(tmp_path / "graphs"), "--max-feature-nodes", "20", "--batch-size", "8", "--device", "cpu"]
+    refused = CliRunner().invoke(app, args)
+    assert refused.exit_code != 0 and "--k" in refused.output
+    done = CliRunner().invoke(app, [*args, "--k", str(K), "--dtype", "bfloat16"])
+    assert done.exit_code == 0, done.output
+    assert len(list((tmp_path / "graphs").rglob("*.safetensors"))) == len(rec.steps)

@@ -88,13 +88,15 @@ class Verifier:
     @classmethod
     def load(cls, model_dir: str | Path | None = None, transcoder_dir: str | Path | None = None,
              classifier: str | Path | None = None, threshold: float = 0.5, prompt_format: str | None = None,
-             device: str = "cpu") -> "Verifier":
-        """Load everything once; the graph settings are the ones the classifier was trained with."""
+             device: str = "cpu", dtype: torch.dtype = torch.float32, k: int | None = None,
+             max_feature_nodes: int | None = None, batch_size: int = 64) -> "Verifier":
+        """Load everything once; the graph settings default to the ones the classifier was trained with."""
         path = Path(classifier) if classifier is not None else DEFAULT_CLASSIFIER
         clf = StepClassifier.load(path)
         prov = clf.meta.get("provenance", {}).get("attribution", {})
-        att = Attributor.load(model_dir, transcoder_dir, AttributionConfig(max_feature_nodes=prov.get("max_feature_nodes", 1024)),
-                             device=device, prompt_format=prompt_format)
+        cap = max_feature_nodes if max_feature_nodes is not None else prov.get("max_feature_nodes", 1024)
+        att = Attributor.load(model_dir, transcoder_dir, AttributionConfig(max_feature_nodes=cap or None, batch_size=batch_size),
+                             dtype=dtype, device=device, prompt_format=prompt_format, k=k)
         cid = _file_checksum(path.with_name(path.name + ".xgb.json"), path.with_name(path.name + ".meta.json"))
         return cls(att, clf, threshold, prov.get("step_target", "last"), classifier_id=f"{path.name}@{cid}")
 

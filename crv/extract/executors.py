@@ -63,14 +63,16 @@ class _Worker:
     """A Ray actor's state: the attributor, loaded once."""
 
     def __init__(self, model_dir: str, transcoder_dir: str, config: dict, threads: int, device: str,
-                 fail_after: int | None, prompt_format: str | None = None) -> None:
+                 fail_after: int | None, prompt_format: str | None = None, k: int | None = None,
+                 dtype: str = "float32") -> None:
         import torch
 
         from crv.attribution.engine import AttributionConfig
+        from crv.lm.load import parse_dtype
 
         torch.set_num_threads(threads)
         self.att = Attributor.load(model_dir, transcoder_dir, AttributionConfig(**config), device=device,
-                                  prompt_format=prompt_format)
+                                  prompt_format=prompt_format, k=k, dtype=parse_dtype(dtype))
         self.fail_after, self.done = fail_after, 0
 
     def run(self, spec: ExtractSpec, batch: list[tuple[int, Record]]) -> list[tuple[int, Entry]]:
@@ -111,7 +113,8 @@ class RayExecutor:
         gpu = torch.cuda.is_available()
         Worker = ray.remote(num_cpus=self.threads, num_gpus=1 if gpu else 0)(_Worker)
         actors = [Worker.remote(str(att.model_dir), str(att.transcoder_dir), dataclasses.asdict(att.config), self.threads,
-                                "cuda" if gpu else "cpu", self.fail_after, att.prompt_format) for _ in range(self.num_workers)]
+                                "cuda" if gpu else "cpu", self.fail_after, att.prompt_format, att.transcoders.k,
+                                str(att.model.dtype).removeprefix("torch.")) for _ in range(self.num_workers)]
         batches = [[(i, records[i]) for i in indices[s : s + self.batch_size]] for s in range(0, len(indices), self.batch_size)]
         bar = tqdm(total=len(indices), desc="graphs (ray)", unit="trace", disable=not self.progress)
         pending: dict = {}

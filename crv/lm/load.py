@@ -44,11 +44,44 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     return tok
 
 
+#: model dtypes by name (``--dtype``)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    """``float32`` / ``bfloat16`` / ``float16`` (or fp32 / bf16 / fp16) as a torch dtype."""
+    if isinstance(name, torch.dtype):
+        return name
+    key = _DTYPE_ALIASES.get(name.lower(), name.lower())
+    if key not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose from {', '.join(DTYPES)}")
+    return DTYPES[key]
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """A usable torch device from ``cpu`` / ``cuda`` / ``cuda:1``; a CUDA device that is not there is an error."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ModelLoadError(f"unknown device {name!r} ({e}); use cpu or cuda[:index]") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelLoadError(f"device {name!r}: this torch has no usable CUDA device (torch {torch.__version__}, "
+                                 "cuda available: False); install a CUDA build of torch or use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ModelLoadError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif device.type != "cpu":
+        raise ModelLoadError(f"device {name!r} is not supported; use cpu or cuda[:index]")
+    return device
+
+
 def load_model(
     path: str | Path | None = None, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     """Load a local model directory (default: the shipped reasoner) and its tokenizer, checked and in eval mode."""
     path = Path(path) if path is not None else DEFAULT_MODEL_DIR
+    device = resolve_device(device)
     if path.is_file() and path.suffix == ".gguf":
         raise ModelLoadError(f"{path} is a GGUF file: convert it once with `crv import-model {path} --out DIR`, "
                              "then pass --model DIR")
