@@ -1,7 +1,8 @@
 """The frozen linear replacement model of one sequence, and exact direct-effect rows.
 
 Stream points of layer ``l``: ``r_l`` (layer input) -> attention -> ``mid_l`` ->
-MLP (replaced: transcoder features + error + b_dec) -> ``r_{l+1}``. With attention
+MLP (replaced: transcoder features + error + b_dec, plus ``x @ W_skip.T`` for sets with a skip
+connection, a linear path from ``mid_l`` through the frozen norm) -> ``r_{l+1}``. With attention
 patterns and RMSNorm scales frozen, every feature pre-activation (read from
 ``mid_l`` through the post-attention norm) and every centred logit (read from
 ``r_L`` through the final norm) is a linear function of the node writes:
@@ -10,6 +11,9 @@ layer ``j`` into ``r_{j+1}``. A row of the adjacency matrix is that linear
 function's coefficients (rows = targets, columns = sources), computed by
 propagating the target's reading vector backwards through the attention layers
 in closed form (no autograd).
+
+Every tensor lives on the model's device (``self.device``); transcoder rows stay in their file
+dtype and are upcast to float32 where they are used.
 
 Source order (per sequence): ``[active features (layer, pos, feature order) |
 error nodes (layer-major, L*T) | token nodes (T)]``. Features at position 0
@@ -61,8 +65,9 @@ class LinearReplacement:
         self.w_in = [f32(l.input_layernorm.weight) for l in layers]
         self.w_post = [f32(l.post_attention_layernorm.weight) for l in layers]
         self.w_final = f32(model.model.norm.weight)
-        self.W_U = f32(model.lm_head.weight)
-        self.U_bias = None if getattr(model.lm_head, "bias", None) is None else f32(model.lm_head.bias)
+        # the unembedding stays in the model's dtype (no float32 copy of a 128k-row matrix): rows are upcast when read
+        self.W_U = model.lm_head.weight.detach()
+        self.W_U_mean = torch.stack([c.float().sum(0) for c in self.W_U.split(8192)]).sum(0) / self.W_U.shape[0]
 
         # ---- transcoders: active features, errors, per-position padded decoder blocks
         L, T = self.n_layers, self.n_pos
@@ -161,7 +166,7 @@ class LinearReplacement:
 
     def logit_reading_vectors(self, pos: int, tokens: torch.Tensor) -> torch.Tensor:
         """Reading vectors at ``r_L`` of the centred logits (logit minus its mean over the vocabulary)."""
-        centred = self.W_U[tokens] - self.W_U.mean(0)
+        centred = self.W_U[tokens.to(self.W_U.device)].float() - self.W_U_mean
         return centred * self.w_final * self.cap.scale_final[pos]
 
     # ------------------------------------------------------------------ propagation
