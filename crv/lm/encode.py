@@ -100,16 +100,18 @@ class TraceEncoder:
                             r.text, r.step_chars)
 
     def encode(self, task: str, question: str, steps: Sequence[str]) -> EncodedTrace:
-        """The trace as the model reads it, with every step's token span."""
+        """The trace as the model reads it, with every step's token span (a step may span several lines)."""
         for i, s in enumerate(steps):
             if not s.strip():
                 raise ValueError(f"step {i} is empty")
-            if "\n" in s:
-                raise ValueError(f"step {i} contains a newline (one step per item)")
         return self.encode_rendered(self.render(task, question, steps))
 
     def encode_record(self, record) -> EncodedTrace:  # type: ignore[no-untyped-def]
-        """:meth:`encode` of a :class:`crv.tasks.schema.Record`."""
+        """:meth:`encode` of a :class:`crv.tasks.schema.Record`; a record that carries its own ``text`` (e.g. the CRV
+        release's chat-formatted texts) is read exactly as given, special tokens written as text included."""
+        if record.text is not None:
+            chars = tuple((a, b) for a, b in record.step_chars)
+            return self.encode_rendered(RenderedTrace(record.text, chars, add_bos=False))
         return self.encode(record.task, record.question, record.steps)
 
     def prefix(self, task: str, question: str, steps: Sequence[str]) -> list[int]:

@@ -6,7 +6,9 @@ One JSON object per line:
 field         type            meaning
 ============  ==============  ===========================================================
 problem_id    str             unique id of the problem (and of the trace's source)
-task          str             ``arith``, ``bool`` or ``gsm8k``
+task          str             any non-empty name; crv generates and labels ``arith``,
+                              ``bool`` and ``gsm8k`` (:data:`KNOWN_TASKS`), other tasks
+                              come from the user's dataset with its own labels
 n             int or null     difficulty: number of operators (null for GSM8K)
 question      str             the problem text (synthetic: the expression)
 answer        str             ground-truth final answer
@@ -18,6 +20,11 @@ solved        bool            ``final_answer`` equals ``answer``
 source        str             who wrote the trace (``reasoner``, ``reference``,
                               ``gsm8k:175b_verification``, ...)
 raw_output    str or null     the full untruncated text the trace came from
+text          str or null     optional: the exact text the model read, through the last
+                              step (e.g. the CRV release's chat-formatted
+                              ``formatted_assistant_content_after``); when given it is
+                              attributed as it is, whatever the prompt format
+step_chars    list or null    with ``text``: each step's ``[start, end)`` characters in it
 ============  ==============  ===========================================================
 
 :func:`read_records` validates every line and raises :class:`RecordError` naming
@@ -31,6 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
+#: tasks crv itself can generate, label or import; a record may name any other task
 KNOWN_TASKS = ("arith", "bool", "gsm8k")
 
 
@@ -53,6 +61,8 @@ class Record:
     solved: bool
     source: str = "reasoner"
     raw_output: str | None = field(default=None, repr=False)
+    text: str | None = field(default=None, repr=False)
+    step_chars: list[list[int]] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         validate(self)
@@ -88,7 +98,8 @@ def _check(cond: bool, msg: str) -> None:
 def validate(r: Record) -> None:
     """Raise RecordError if a record breaks the schema."""
     _check(isinstance(r.problem_id, str) and r.problem_id != "", "problem_id must be a non-empty string")
-    _check(r.task in KNOWN_TASKS, f"task must be one of {KNOWN_TASKS}, got {r.task!r}")
+    _check(isinstance(r.task, str) and r.task.strip() != "" and r.task == r.task.strip(),
+           f"task must be a non-empty name without surrounding spaces, got {r.task!r}")
     _check(r.n is None or (isinstance(r.n, int) and not isinstance(r.n, bool) and r.n >= 0), f"n must be a non-negative integer or null, got {r.n!r}")
     _check(isinstance(r.question, str) and r.question.strip() != "", "question must be a non-empty string")
     _check(isinstance(r.answer, str), "answer must be a string")
@@ -100,6 +111,18 @@ def validate(r: Record) -> None:
     _check(isinstance(r.solved, bool), "solved must be true or false")
     _check(isinstance(r.source, str), "source must be a string")
     _check(r.raw_output is None or isinstance(r.raw_output, str), "raw_output must be a string or null")
+    _check((r.text is None) == (r.step_chars is None), "text and step_chars come together (or neither)")
+    if r.text is not None:
+        _check(isinstance(r.text, str), "text must be a string or null")
+        spans = r.step_chars
+        _check(isinstance(spans, list) and len(spans) == len(r.steps), "step_chars must hold one [start, end) per step")
+        last = 0
+        for i, span in enumerate(spans):  # type: ignore[union-attr]
+            ok = (isinstance(span, list) and len(span) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in span)
+                  and last <= span[0] < span[1] <= len(r.text))
+            _check(ok, f"step_chars[{i}] must be [start, end) with {last} <= start < end <= len(text), got {span!r}")
+            _check(r.text[span[0]:span[1]].strip() != "", f"step_chars[{i}] covers only whitespace")
+            last = span[1]
 
 
 def truncate(steps: list[str], labels: list[int]) -> tuple[list[str], list[int]]:
