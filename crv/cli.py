@@ -234,6 +234,58 @@ def import_gsm8k_cmd(
     typer.echo(f"wrote {len(records)} records to {out}")
 
 
+@app.command("import-dataset")
+def import_dataset_cmd(
+    path: Path = typer.Argument(..., help="The dataset file (JSON array or JSON Lines)."),
+    format: str = typer.Option(..., "--format", help="crv-release (facebook/crv annotated JSON) or first-error (ProcessBench layout)."),
+    out: Path = typer.Option(..., help="Output JSONL of labelled crv records."),
+    task: Optional[str] = typer.Option(None, help="Task name of the records (default: from the file name)."),
+) -> None:
+    """Import another dataset's labelled steps as crv records (validated; errors name file:line)."""
+    from crv.tasks.datasets import DATASET_FORMATS, read_dataset
+    from crv.tasks.schema import RecordError, write_records
+    from crv.tasks.stats import format_table, summarize_by
+
+    if format not in DATASET_FORMATS:
+        raise typer.BadParameter(f"unknown format {format!r}; choose from {', '.join(DATASET_FORMATS)}", param_hint="--format")
+    try:
+        records = read_dataset(path, format, task)
+    except (RecordError, FileNotFoundError) as e:
+        raise typer.BadParameter(str(e), param_hint="PATH") from e
+    write_records(records, out)
+    typer.echo(format_table(summarize_by(records)))
+    typer.echo(f"wrote {len(records)} records to {out}")
+
+
+@app.command("label")
+def label_cmd(
+    records: Path = typer.Argument(..., help="JSONL of records to relabel (their labels may be placeholders)."),
+    out: Path = typer.Option(..., help="Output JSONL: the records with rollout labels (truncated after the first faulty step)."),
+    rollouts: int = typer.Option(8, help="Continuations sampled from the end of each step."),
+    temperature: float = typer.Option(1.0, help="Sampling temperature of the continuations."),
+    max_new_tokens: int = typer.Option(256, help="Longest continuation."),
+    model: Optional[Path] = typer.Option(None, help="The model under test (default: the shipped reasoner)."),
+    prompt_format: Optional[str] = typer.Option(None, help="Prompt format: plain or chat (default: the model's own)."),
+    seed: int = typer.Option(0),
+) -> None:
+    """Label steps without a checker (Math-Shepherd): a step is correct if some continuation from it reaches the answer."""
+    import json
+
+    from crv.reasoner.rollout_labels import RolloutConfig, label_with_rollouts
+    from crv.tasks.schema import read_records, write_records
+
+    if rollouts < 1:
+        raise typer.BadParameter("needs at least one rollout", param_hint="--rollouts")
+    recs = read_records(records)
+    lm, encoder = _model_and_encoder(model, prompt_format)
+    done = label_with_rollouts(lm, encoder, recs, RolloutConfig(rollouts, temperature, max_new_tokens, seed=seed))
+    write_records([d.record for d in done], out)
+    soft = out.with_name(out.name + ".soft.json")
+    soft.write_text(json.dumps({r.problem_id: list(d.soft) for r, d in zip(recs, done)}) + "\n")
+    changed = sum(d.record.labels != r.labels for r, d in zip(recs, done))
+    typer.echo(f"wrote {len(done)} records to {out} ({changed} relabelled), per-step soft estimates to {soft}")
+
+
 @app.command("attribute")
 def attribute_cmd(
     records: Path = typer.Argument(..., help="JSONL of labelled records (crv generate / import-gsm8k)."),

@@ -22,7 +22,11 @@ def test_round_trip(tmp_path):
 @pytest.mark.parametrize(
     "change,message",
     [
-        (dict(task="chess"), "task must be"),
+        (dict(task=""), "task must be"),
+        (dict(task=" arith"), "task must be"),
+        (dict(text="Q: 3+4\n3+4=7 => 7\n"), "come together"),
+        (dict(text="Q: 3+4\n3+4=7 => 7\n", step_chars=[[7, 99]]), r"step_chars\[0\]"),
+        (dict(text="Q: 3+4\n3+4=7 => 7\n", step_chars=[[6, 7]]), "only whitespace"),
         (dict(labels=[1, 1]), "differ in length"),
         (dict(steps=["a", "b"], labels=[0, 1]), "only the last step"),
         (dict(labels=[2]), "0/1"),
@@ -33,6 +37,13 @@ def test_round_trip(tmp_path):
 def test_invalid_records_are_rejected(change, message):
     with pytest.raises(RecordError, match=message):
         Record(**good(**change))
+
+
+def test_free_form_tasks_and_exact_text_are_records(tmp_path):
+    text = "Q: 3+4\n3+4=7 => 7\n"
+    rec = Record(**good(task="my-logic-puzzles", n=None, text=text, step_chars=[[7, 17]]))
+    write_records([rec], tmp_path / "d.jsonl")
+    assert read_records(tmp_path / "d.jsonl") == [rec]
 
 
 def test_corrupt_jsonl_line_is_named(tmp_path):

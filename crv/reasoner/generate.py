@@ -31,8 +31,13 @@ def complete(
     encoder: TraceEncoder,
     prompts: Sequence[list[int]],
     max_new_tokens: int,
+    temperature: float = 0.0,
+    generator_seed: int | None = None,
 ) -> list[str]:
-    """Greedy completions of a batch of prompts (token ids, left-padded), decoded up to EOS / end of turn."""
+    """Completions of a batch of prompts (token ids, left-padded), decoded up to EOS / end of turn.
+
+    Greedy by default; ``temperature > 0`` samples (plain softmax sampling, reproducible with ``generator_seed``).
+    """
     tokenizer, encoded = encoder.tokenizer, list(prompts)
     stops = stop_token_ids(model, tokenizer)
     width = max(len(e) for e in encoded)
@@ -46,13 +51,16 @@ def complete(
         ids[i, width - len(e):] = torch.tensor(e)
         mask[i, width - len(e):] = 1
     device = next(model.parameters()).device
+    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 else {"do_sample": False}
+    if temperature > 0 and generator_seed is not None:
+        torch.manual_seed(generator_seed)  # transformers samples from torch's global generator
     out = model.generate(
         input_ids=ids.to(device),
         attention_mask=mask.to(device),
         max_new_tokens=min(max_new_tokens, limit),
-        do_sample=False,
         eos_token_id=sorted(stops),
         pad_token_id=pad,
+        **sampling,
     )
     new = out[:, width:].cpu()
     texts = []
