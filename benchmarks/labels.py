@@ -1,6 +1,6 @@
 """How well rollout labels (Math-Shepherd) agree with crv's exact step labels, on the shipped reasoner.
 
-    python benchmarks/labels.py                 # arith and bool, n=3,5,7, 12 problems each, 8 rollouts
+    python benchmarks/labels.py                 # arith and bool, n=5,7,10 (where the reasoner errs), 40 problems each, 8 rollouts
 
 The shipped reasoner solves fresh problems (greedy, as in the evaluation); its traces carry exact
 programmatic labels. Each step is relabelled from N sampled continuations (``crv label``), and the
@@ -45,8 +45,8 @@ def agreement(records, relabelled) -> dict:  # type: ignore[no-untyped-def]
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--count", type=int, default=12)
-    ap.add_argument("--n", type=int, nargs="+", default=[3, 5, 7])
+    ap.add_argument("--count", type=int, default=40)
+    ap.add_argument("--n", type=int, nargs="+", default=[5, 7, 10])
     ap.add_argument("--rollouts", type=int, default=8)
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--max-new-tokens", type=int, default=160)
