@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from crv.attribution.attributor import Attributor
-from crv.attribution.engine import AttributionConfig, TraceAttribution
+from crv.attribution.engine import TraceAttribution
 from crv.tasks.cot import generate_problems
 from crv.tasks.label import label_output
 

@@ -174,6 +174,16 @@ def train_transcoders_cmd(
     typer.echo(f"saved {out}")
 
 
+def _write_with_summary(records, out: Path) -> None:  # type: ignore[no-untyped-def]
+    """Write records as JSONL and print their per-task summary."""
+    from crv.tasks.schema import write_records
+    from crv.tasks.stats import format_table, summarize_by
+
+    write_records(records, out)
+    typer.echo(format_table(summarize_by(records)))
+    typer.echo(f"wrote {len(records)} records to {out}")
+
+
 def _problems(tasks: list[str], ns: list[int], count: int, seed: int):  # type: ignore[no-untyped-def]
     from crv.tasks.cot import TASKS, generate_problems
 
@@ -204,17 +214,13 @@ def generate_cmd(
     import torch
 
     from crv.reasoner.generate import GenerationConfig, generate_records
-    from crv.tasks.schema import write_records
-    from crv.tasks.stats import format_table, summarize_by
 
     if threads:
         torch.set_num_threads(threads)
     problems = _problems(task, n, count, seed)
     lm, encoder = _model_and_encoder(model, prompt_format)
     records = generate_records(lm, encoder, problems, GenerationConfig(batch_size=batch_size))
-    write_records(records, out)
-    typer.echo(format_table(summarize_by(records)))
-    typer.echo(f"wrote {len(records)} records to {out}")
+    _write_with_summary(records, out)
 
 
 @app.command("import-gsm8k")
@@ -225,13 +231,9 @@ def import_gsm8k_cmd(
 ) -> None:
     """Import GSM8K model solutions as labelled step records."""
     from crv.tasks.gsm8k import load_gsm8k
-    from crv.tasks.schema import write_records
-    from crv.tasks.stats import format_table, summarize_by
 
     records = load_gsm8k(data_dir, include_reference)
-    write_records(records, out)
-    typer.echo(format_table(summarize_by(records)))
-    typer.echo(f"wrote {len(records)} records to {out}")
+    _write_with_summary(records, out)
 
 
 @app.command("import-dataset")
@@ -243,8 +245,7 @@ def import_dataset_cmd(
 ) -> None:
     """Import another dataset's labelled steps as crv records (validated; errors name file:line)."""
     from crv.tasks.datasets import DATASET_FORMATS, read_dataset
-    from crv.tasks.schema import RecordError, write_records
-    from crv.tasks.stats import format_table, summarize_by
+    from crv.tasks.schema import RecordError
 
     if format not in DATASET_FORMATS:
         raise typer.BadParameter(f"unknown format {format!r}; choose from {', '.join(DATASET_FORMATS)}", param_hint="--format")
@@ -252,9 +253,7 @@ def import_dataset_cmd(
         records = read_dataset(path, format, task)
     except (RecordError, FileNotFoundError) as e:
         raise typer.BadParameter(str(e), param_hint="PATH") from e
-    write_records(records, out)
-    typer.echo(format_table(summarize_by(records)))
-    typer.echo(f"wrote {len(records)} records to {out}")
+    _write_with_summary(records, out)
 
 
 @app.command("label")

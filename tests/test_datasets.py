@@ -8,7 +8,7 @@ import pytest
 from crv.lm.encode import TraceEncoder
 from crv.lm.load import load_model
 from crv.lm.prompt import PlainFormat
-from crv.tasks.cot import Problem, generate_problems
+from crv.tasks.cot import generate_problems
 from crv.tasks.datasets import read_dataset
 from crv.tasks.label import label_output
 from crv.tasks.schema import Record, RecordError, write_records
