@@ -51,6 +51,7 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--max-new-tokens", type=int, default=160)
     ap.add_argument("--seed", type=int, default=21)
+    ap.add_argument("--batch-size", type=int, default=256, help="sequences sampled at once (rollouts x steps)")
     args = ap.parse_args()
     command = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/labels.py", *sys.argv[1:]])
     torch.set_num_threads(2)
@@ -60,7 +61,7 @@ def main() -> None:
     for task in ("arith", "bool"):
         problems = [p for n in args.n for p in generate_problems(task, n, args.count, seed=args.seed + n)]
         records = [r for r in generate_records(model, encoder, problems) if r.steps]
-        relabelled = label_with_rollouts(model, encoder, records, RolloutConfig(args.rollouts, args.temperature, args.max_new_tokens, seed=args.seed))
+        relabelled = label_with_rollouts(model, encoder, records, RolloutConfig(args.rollouts, args.temperature, args.max_new_tokens, args.batch_size, seed=args.seed))
         out[task] = agreement(records, relabelled)
         print(task, out[task], flush=True)
     out.update({"rollouts": args.rollouts, "temperature": args.temperature, "n": args.n, "count_per_n": args.count,

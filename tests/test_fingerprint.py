@@ -5,7 +5,9 @@ import math
 import pytest
 import torch
 
-from crv.fingerprint.features import feature_families, feature_names, fingerprint_summary, longest_token_logit_path, to_networkx
+import networkx as nx
+
+from crv.fingerprint.features import BETWEENNESS_EXACT_NODES, TOPOLOGY, feature_families, feature_names, fingerprint_summary, to_networkx
 from crv.fingerprint.summary import ERROR, FEATURE, LOGIT, TOKEN, GraphSummary, load_summaries, save_summaries
 
 
@@ -21,6 +23,33 @@ def summary(kinds, layers, edges, acts=None, infl=None, probs=(0.75, 0.25), n_la
         active_per_layer=torch.tensor(active), logit_probabilities=torch.tensor(probs), n_layers=n_layers,
         error_influence_share=0.1,
     )
+
+
+def networkx_topology(s: GraphSummary) -> dict[str, float]:
+    """The topology family computed the plain way, on a networkx DiGraph (the reference for the bulk code)."""
+    g = to_networkx(s)
+    m = g.number_of_nodes()
+    out = dict.fromkeys(TOPOLOGY, 0.0)
+    if m < 2 or g.number_of_edges() == 0:
+        out["n_weak_components"] = float(m)
+        return out
+    out["density"] = nx.density(g)
+    for name, cent in (("in_deg", nx.in_degree_centrality(g)), ("out_deg", nx.out_degree_centrality(g))):
+        vals = list(cent.values())
+        out[f"{name}_mean"], out[f"{name}_max"] = sum(vals) / m, max(vals)
+    k = None if m <= BETWEENNESS_EXACT_NODES else BETWEENNESS_EXACT_NODES
+    bc = list(nx.betweenness_centrality(g, k=k, seed=0, normalized=True).values())
+    out["betweenness_mean"], out["betweenness_max"] = sum(bc) / m, max(bc)
+    out["n_weak_components"] = float(nx.number_weakly_connected_components(g))
+    w = s.edge_weight.abs().double()
+    out["edge_weight_mean"], out["edge_weight_max"], out["edge_weight_std"] = float(w.mean()), float(w.max()), float(w.std(unbiased=False))
+    best: dict[int, float] = {}
+    for v in nx.topological_sort(g):
+        start = 0.0 if g.nodes[v]["kind"] == TOKEN else -math.inf
+        best[v] = max([start] + [best[u] + 1 for u in g.predecessors(v)])
+    ends = [best[v] for v in g if g.nodes[v]["kind"] == LOGIT and best[v] > -math.inf]
+    out["longest_token_logit_path"] = float(max(ends)) if ends else 0.0
+    return out
 
 
 def test_three_node_chain():
@@ -54,7 +83,7 @@ def test_components_paths_and_degenerate_graphs():
     assert f["n_pruned_errors"] == 1
     g = to_networkx(s)
     assert set(g.edges) == {(0, 3), (2, 3), (3, 4), (4, 5)}
-    assert longest_token_logit_path(g) == 3
+    assert networkx_topology(s)["longest_token_logit_path"] == 3
     empty = fingerprint_summary(summary([TOKEN, LOGIT], [-1, 2], []))
     assert empty["density"] == 0 and empty["longest_token_logit_path"] == 0 and empty["n_weak_components"] == 2
 
@@ -94,3 +123,53 @@ def test_fingerprint_of_a_real_step_graph():
     assert f["n_pruned_features"] == float((s.node_kind == FEATURE).sum())
     assert 0 < f["density"] < 1 and f["longest_token_logit_path"] >= 1
     assert all(math.isfinite(v) for v in f.values())
+
+
+def test_bulk_topology_is_networkx_on_real_step_graphs():
+    """The fingerprint's topology family equals networkx's, exact and pivot-sampled betweenness alike."""
+    from crv.attribution.attributor import Attributor
+    from crv.attribution.engine import AttributionConfig
+    from crv.fingerprint.summary import summarize
+    from crv.fingerprint.topology import EdgeGraph, betweenness
+    from crv.tasks.cot import generate_problems
+    from crv.tasks.label import label_output
+
+    att = Attributor.load(config=AttributionConfig(max_feature_nodes=512))
+    sizes = []
+    for prob in generate_problems("arith", 1, 1, seed=3) + generate_problems("arith", 5, 1, seed=3):
+        for g in att.step_graphs(label_output(prob, prob.completion)):
+            s = summarize(g)
+            sizes.append(s.n_nodes)
+            f, ref = fingerprint_summary(s), networkx_topology(s)
+            for name in TOPOLOGY:
+                assert f[name] == pytest.approx(ref[name], rel=1e-9, abs=1e-12), name
+            exact = nx.betweenness_centrality(to_networkx(s), normalized=True)  # every node a source
+            bulk = betweenness(EdgeGraph(s.n_nodes, s.edge_src.numpy(), s.edge_dst.numpy()))
+            assert bulk == pytest.approx([exact[v] for v in range(s.n_nodes)], rel=1e-9, abs=1e-12)
+    assert max(sizes) > BETWEENNESS_EXACT_NODES  # the fingerprint's pivot-sampled regime was checked
+
+
+def test_engine_reproduces_stored_fingerprints():
+    """Same fingerprints (1e-6) as the engine before the faster rows, pruning and topology (stored at 91cc206)."""
+    import json
+    from pathlib import Path
+
+    from crv.attribution.attributor import Attributor
+    from crv.attribution.engine import AttributionConfig
+    from crv.fingerprint.features import fingerprint
+    from crv.tasks.cot import generate_problems
+    from crv.tasks.label import label_output
+
+    stored = json.loads((Path(__file__).parent / "fixtures" / "fingerprints_91cc206.json").read_text())
+    by_cap: dict[int, list[dict]] = {}
+    for row in stored["graphs"]:
+        by_cap.setdefault(row["cap"], []).append(row)
+    spec = stored["problems"]
+    for cap, rows in by_cap.items():
+        att = Attributor.load(config=AttributionConfig(max_feature_nodes=cap))
+        problems = [p for task in ("arith", "bool") for p in generate_problems(task, spec[task]["n"], spec[task]["count"], seed=spec[task]["seed"])]
+        now = [fingerprint(g) for p in problems for g in att.iter_step_graphs(label_output(p, p.completion))]
+        assert len(now) == len(rows)
+        for f, row in zip(now, rows):
+            for name, value in row["fingerprint"].items():
+                assert f[name] == pytest.approx(value, rel=1e-6, abs=1e-6), (cap, row["task"], row["step"], name)

@@ -71,7 +71,7 @@ def graph_json(graph: Graph, pruned: Pruned, decode) -> dict:  # type: ignore[no
             row["text"] = decode([row["token"]])
         row["influence"] = float(pruned.node_influence[old])
         nodes.append(row)
-    dst, src = pruned.edge_mask.nonzero(as_tuple=True)
+    dst, src = pruned.edges()
     edges = [{"source": index[s], "target": index[d], "weight": float(graph.adjacency[d, s])}
              for s, d in zip(src.tolist(), dst.tolist()) if s in index and d in index]
     return {"n_layers": graph.n_layers, "n_positions": graph.n_pos, "nodes": nodes, "edges": edges}

@@ -63,7 +63,7 @@ def to_circuit_tracer_json(
             layer = str(L + 1)
             nodes[i] = _node(f"{layer}_{tok}_{n_pos - 1}", f"L_{tok}-{n_pos - 1}", tok, layer, n_pos - 1, "logit",
                              token_prob=prob, is_target_logit=j == 0, clerp=f'Output "{decode(tok)}" (p={prob:.3f})')
-    dst, src = pr.edge_mask.nonzero(as_tuple=True)
+    dst, src = pr.edges()
     links = [
         {"source": nodes[s]["node_id"], "target": nodes[d]["node_id"], "weight": float(graph.adjacency[d, s])}
         for d, s in zip(dst.tolist(), src.tolist())

@@ -1,9 +1,10 @@
 """The structural fingerprint of one step graph: a fixed, named feature vector.
 
 Computed on a :class:`~crv.fingerprint.summary.GraphSummary` (the graph pruned with
-the paper's 0.8 / 0.98 thresholds). The pruned graph is a networkx ``DiGraph`` with
-edges source -> target (circuit-tracer's ``adjacency[target, source]`` transposed),
-weights ``|direct effect|``. Shortest paths are unweighted (signed or raw weights are
+the paper's 0.8 / 0.98 thresholds). The pruned graph is the networkx ``DiGraph`` of
+:func:`to_networkx`: edges source -> target (circuit-tracer's ``adjacency[target, source]``
+transposed), weights ``|direct effect|``; the topology family is networkx's numbers on it,
+computed in bulk by :mod:`crv.fingerprint.topology` (tests check them against networkx). Shortest paths are unweighted (signed or raw weights are
 not distances). ``L`` = number of layers.
 
 =============================  ========  =================================================================
@@ -35,13 +36,12 @@ Graphs with fewer than two nodes or no edges get zeros for the topology family
 
 from __future__ import annotations
 
-import math
-
 import networkx as nx
 import torch
 
 from crv.attribution.graph import Graph
 from crv.fingerprint.summary import ERROR, FEATURE, LOGIT, TOKEN, GraphSummary, summarize
+from crv.fingerprint.topology import EdgeGraph, betweenness, degree_centrality, density, longest_path_from, weak_components
 
 GLOBAL = ("n_active_features", "n_pruned_features", "n_pruned_errors", "top_logit_prob", "logit_entropy", "error_influence_share")
 NODE_STATS = ("act_mean", "act_max", "act_std", "infl_mean", "infl_max", "infl_std")
@@ -83,16 +83,6 @@ def to_networkx(s: GraphSummary) -> nx.DiGraph:
     return g
 
 
-def longest_token_logit_path(g: nx.DiGraph) -> int:
-    """Edges on the longest token -> logit path of a DAG (0 when no logit is reachable from a token)."""
-    best: dict[int, float] = {}
-    for v in nx.topological_sort(g):
-        start = 0.0 if g.nodes[v]["kind"] == TOKEN else -math.inf
-        best[v] = max([start] + [best[u] + 1 for u in g.predecessors(v)])
-    ends = [best[v] for v in g if g.nodes[v]["kind"] == LOGIT and best[v] > -math.inf]
-    return int(max(ends)) if ends else 0
-
-
 def fingerprint_summary(s: GraphSummary) -> dict[str, float]:
     """The named feature vector of one summarised step graph."""
     kind = s.node_kind
@@ -111,19 +101,18 @@ def fingerprint_summary(s: GraphSummary) -> dict[str, float]:
     out.update({f"layer_hist_{l}": float(c) for l, c in enumerate(hist.tolist())})
 
     topo = dict.fromkeys(TOPOLOGY, 0.0)
-    g = to_networkx(s)
-    m = g.number_of_nodes()
-    if m >= 2 and g.number_of_edges() > 0:
-        topo["density"] = nx.density(g)
-        for name, cent in (("in_deg", nx.in_degree_centrality(g)), ("out_deg", nx.out_degree_centrality(g))):
-            vals = list(cent.values())
-            topo[f"{name}_mean"], topo[f"{name}_max"] = sum(vals) / m, max(vals)
-        k = None if m <= BETWEENNESS_EXACT_NODES else BETWEENNESS_EXACT_NODES
-        bc = list(nx.betweenness_centrality(g, k=k, seed=0, normalized=True).values())
-        topo["betweenness_mean"], topo["betweenness_max"] = sum(bc) / m, max(bc)
-        topo["n_weak_components"] = float(nx.number_weakly_connected_components(g))
+    g = EdgeGraph(s.n_nodes, s.edge_src.numpy(), s.edge_dst.numpy())
+    m = g.m
+    if m >= 2 and g.n_edges > 0:
+        topo["density"] = density(g)
+        for name, cent in zip(("in_deg", "out_deg"), degree_centrality(g)):
+            topo[f"{name}_mean"], topo[f"{name}_max"] = float(cent.sum()) / m, float(cent.max())
+        bc = betweenness(g, k=None if m <= BETWEENNESS_EXACT_NODES else BETWEENNESS_EXACT_NODES, seed=0)
+        topo["betweenness_mean"], topo["betweenness_max"] = float(bc.sum()) / m, float(bc.max())
+        topo["n_weak_components"] = float(weak_components(g))
         topo["edge_weight_mean"], topo["edge_weight_max"], topo["edge_weight_std"] = _stats(s.edge_weight.abs())
-        topo["longest_token_logit_path"] = float(longest_token_logit_path(g))
+        kinds = s.node_kind.numpy()
+        topo["longest_token_logit_path"] = float(longest_path_from(g, kinds == TOKEN, kinds == LOGIT))
     elif m >= 1:
         topo["n_weak_components"] = float(m)
     out.update(topo)

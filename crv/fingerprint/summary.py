@@ -75,7 +75,7 @@ def summarize(graph: Graph, pruned: Pruned | None = None, node_threshold: float 
     keep = pr.node_mask.nonzero(as_tuple=True)[0]
     new_index = torch.full((n,), -1, dtype=torch.long)
     new_index[keep] = torch.arange(len(keep))
-    dst, src = pr.edge_mask.nonzero(as_tuple=True)  # adjacency[target, source]
+    dst, src = pr.edges()  # adjacency[target, source]
     return GraphSummary(
         node_kind=kind[keep], node_layer=layer[keep], node_pos=pos[keep], node_activation=act[keep],
         node_influence=infl[keep].float(),
