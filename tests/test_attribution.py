@@ -147,3 +147,47 @@ def test_graph_save_load_round_trip(setup, tmp_path):
         assert torch.equal(getattr(g, name), getattr(back, name))
     assert back.meta["step_index"] == 2 and back.meta["trace"] == "t1"
     assert len(g.node_table()) == g.n_nodes
+
+
+@pytest.mark.parametrize("model_fixture", ["shipped", "gqa"])
+def test_row_kernel_gives_the_reference_rows(model_fixture, request, tmp_path):
+    """The batched row kernel (shared path coefficients, token table) = LinearReplacement.rows, on every layer."""
+    from crv.attribution.capture import capture_forward
+    from crv.attribution.linear import LinearReplacement
+    from crv.attribution.engine import RowCache
+    from crv.attribution.row_kernel import RowKernel
+    from crv.transcoders.transcoder import TopKTranscoder, TranscoderShape
+    from crv.transcoders.io import save_transcoders
+
+    if model_fixture == "shipped":
+        model, tok = load_model()
+        ts = load_transcoders(model=model)
+        text = "Q: 7-(2*3+5)\n2*3=6 => 7-(6+5)\n6+5=11 => 7-11\n7-11=-4 => -4\nA: -4\n"
+    else:  # grouped-query attention, random TopK transcoders
+        model, tok = load_model(request.getfixturevalue("tiny_gqa_llama_dir"))
+        torch.manual_seed(1)
+        shape = TranscoderShape(model.config.hidden_size, 48, 6)
+        layers = [TopKTranscoder(shape, l) for l in range(model.config.num_hidden_layers)]
+        for t in layers:
+            for p in t.parameters():
+                p.data = 0.3 * torch.randn_like(p)
+        save_transcoders(layers, tmp_path, model_name="tiny-gqa", dtype=torch.float32)
+        ts = load_transcoders(tmp_path, model=model)
+        text = TEXT
+    ids = torch.tensor(encode_text(tok, text))
+    with torch.no_grad():
+        lin = LinearReplacement(model, ts, capture_forward(model, ids))
+    columns = RowCache(lin, 64).columns
+    kernel = RowKernel(lin)
+    for use_table in (False, True):
+        if use_table:
+            kernel.token_table = kernel._build_token_table()
+        for layer in range(lin.n_layers):
+            sel = (lin.features.layer == layer).nonzero(as_tuple=True)[0]
+            sel = sel[lin.features.pos[sel].argsort(stable=True)]
+            for chunk in (sel[:37], sel[-50:], sel[::3]):
+                ref, _ = lin.rows(layer, lin.features.pos[chunk], lin.feature_reading_vectors(chunk))
+                ref = ref[:, columns[layer]]
+                got = kernel.rows(layer, chunk)
+                assert got.shape == ref.shape
+                assert torch.allclose(got, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max())), (use_table, layer)

@@ -20,6 +20,8 @@ from transformers import PreTrainedModel
 from crv.attribution.capture import capture_forward
 from crv.attribution.graph import Graph
 from crv.attribution.linear import LinearReplacement
+from crv.attribution.row_kernel import RowKernel
+from crv.attribution.timing import SectionTimer
 from crv.transcoders.io import TranscoderSet
 
 
@@ -30,8 +32,9 @@ class AttributionConfig:
     max_n_logits: int = 10
     desired_logit_prob: float = 0.95
     max_feature_nodes: int | None = 4096  # None: every active feature (uncapped)
-    batch_size: int = 64
-    update_interval: int = 4
+    batch_size: int = 64  # greedy visit batch (circuit-tracer's), in features
+    update_interval: int = 4  # batches visited between re-rankings
+    row_batch_size: int = 128  # rows computed per batched call (memory ~ row_batch_size x positions x d_model floats)
 
 
 def salient_logits(logits: torch.Tensor, max_n_logits: int, desired_prob: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,7 +46,7 @@ def salient_logits(logits: torch.Tensor, max_n_logits: int, desired_prob: float)
 
 
 def layered_influences(
-    logit_norm: torch.Tensor, logit_probs: torch.Tensor, layer_rows: list[list[tuple[torch.Tensor, torch.Tensor]]]
+    logit_norm: torch.Tensor, logit_probs: torch.Tensor, layer_rows: list[tuple[torch.Tensor, torch.Tensor]]
 ) -> torch.Tensor:
     """Influence on the logits of every feature, from the rows visited so far.
 
@@ -52,15 +55,39 @@ def layered_influences(
     (influence = sum over paths of the products of normalised edge weights) computed in
     one top-down pass: a layer-``l`` feature's row only reaches features of layers ``< l``
     (the first ``k_l`` prefix features), so its influence is final once every higher
-    layer's rows have been applied. ``layer_rows[l]`` holds ``(feature indices, rows [n, k_l])``
-    chunks of visited layer-``l`` rows; ``logit_norm [n_logits, n_f]``. Error and token
+    layer's rows have been applied. ``layer_rows[l]`` is ``(feature indices [n], rows [n, k_l])``
+    of the visited layer-``l`` features; ``logit_norm [n_logits, n_f]``. Error and token
     columns are dropped: they never start a row, so they pass no influence on.
     """
     total = logit_probs @ logit_norm
     for layer in range(len(layer_rows) - 1, 0, -1):
-        for idx, rows in layer_rows[layer]:
+        idx, rows = layer_rows[layer]
+        if len(idx):
             total[: rows.shape[1]] += total[idx] @ rows
     return total
+
+
+class GrowingRows:
+    """Rows of a fixed width appended in batches; storage grows by doubling (no per-batch list of chunks)."""
+
+    def __init__(self, width: int, device: torch.device):
+        self.data = torch.empty(0, width, device=device)
+        self.n = 0
+
+    def append(self, rows: torch.Tensor) -> tuple[int, int]:
+        """Append ``rows``; returns the ``[start, end)`` range they occupy."""
+        start, end = self.n, self.n + len(rows)
+        if end > len(self.data):
+            grown = torch.empty(max(2 * len(self.data), end, 64), self.data.shape[1], device=self.data.device)
+            grown[:start] = self.data[:start]
+            self.data = grown
+        self.data[start:end] = rows
+        self.n = end
+        return start, end
+
+    @property
+    def rows(self) -> torch.Tensor:
+        return self.data[: self.n]
 
 
 class RowCache:
@@ -72,8 +99,9 @@ class RowCache:
     visited, never the number of active features.
     """
 
-    def __init__(self, lin: LinearReplacement, batch_size: int):
-        self.lin, self.batch_size = lin, batch_size
+    def __init__(self, lin: LinearReplacement, batch_size: int, timer: SectionTimer | None = None):
+        self.lin, self.batch_size = lin, batch_size  # rows computed per kernel call
+        self.timer = timer or SectionTimer()
         dev = self.device = lin.device
         L, T, off = lin.n_layers, lin.n_pos, lin.layer_offsets
         self.columns: list[torch.Tensor] = []
@@ -88,38 +116,36 @@ class RowCache:
             cmap[cols] = torch.arange(len(cols), device=dev)
             self.columns.append(cols)
             self.colmap.append(cmap)
-        self.store: list[torch.Tensor] = [torch.empty(0, len(c), device=dev) for c in self.columns]
-        self.filled = [0] * L
+        self.store = [GrowingRows(len(c), dev) for c in self.columns]
         self.slot = torch.full((lin.n_features,), -1, dtype=torch.long, device=dev)  # row of each feature in its store
         self.abs_sum = torch.zeros(lin.n_features, device=dev)  # sum of |edges| of each row
         self.rows_computed = 0
-
-    def _append(self, layer: int, rows: torch.Tensor) -> torch.Tensor:
-        """Append rows to a layer's store; returns their slots."""
-        n, store = len(rows), self.store[layer]
-        start = self.filled[layer]
-        if start + n > len(store):
-            grown = torch.empty(max(2 * len(store), start + n, 64), store.shape[1], device=self.device)
-            grown[:start] = store[:start]
-            self.store[layer] = store = grown
-        store[start : start + n] = rows
-        self.filled[layer] = start + n
-        return torch.arange(start, start + n, device=self.device)
+        #: batched rows for standard Llama-like models; others go through LinearReplacement.rows
+        self.kernel = RowKernel(lin) if lin.factored else None
 
     def ensure(self, idx: torch.Tensor) -> None:
-        """Compute the rows of features ``idx`` that are not cached yet."""
+        """Compute the rows of features ``idx`` that are not cached yet (batched per layer, by position)."""
         lin = self.lin
         missing = idx[self.slot[idx] < 0].unique()
         if len(missing) == 0:
             return
+        with self.timer("rows"):
+            self._compute(missing)
+
+    def _compute(self, missing: torch.Tensor) -> None:
+        lin = self.lin
         layers = lin.features.layer[missing]
         for layer in layers.unique().tolist():
             sel = missing[layers == layer]
             sel = sel[lin.features.pos[sel].argsort(stable=True)]  # short position range per batch
             for start in range(0, len(sel), self.batch_size):
                 chunk = sel[start : start + self.batch_size]
-                rows, _ = lin.rows(layer, lin.features.pos[chunk], lin.feature_reading_vectors(chunk))
-                self.slot[chunk] = self._append(layer, rows[:, self.columns[layer]])
+                if self.kernel is not None:
+                    rows = self.kernel.rows(layer, chunk)
+                else:
+                    rows = lin.rows(layer, lin.features.pos[chunk], lin.feature_reading_vectors(chunk))[0][:, self.columns[layer]]
+                start, end = self.store[layer].append(rows)
+                self.slot[chunk] = torch.arange(start, end, device=self.device)
                 self.abs_sum[chunk] = rows.abs().sum(1)
                 self.rows_computed += len(chunk)
 
@@ -136,7 +162,7 @@ class RowCache:
             where = (layers == layer).nonzero(as_tuple=True)[0]
             m = self.colmap[layer][cols]
             keep = (m >= 0).nonzero(as_tuple=True)[0]
-            sub = self.store[layer].index_select(0, self.slot[idx[where]]).index_select(1, m[keep])
+            sub = self.store[layer].rows.index_select(0, self.slot[idx[where]]).index_select(1, m[keep])
             w0, w1 = int(where[0]), int(where[-1]) + 1
             if len(keep) == len(cols):
                 out.index_copy_(0, where, sub)
@@ -159,11 +185,13 @@ class TraceAttribution:
         meta: dict | None = None,
     ):
         self.config = config
-        with torch.no_grad():
+        #: exclusive seconds per stage (forward, rows, greedy, adjacency, logits) over this trace's graphs
+        self.timer = SectionTimer()
+        with torch.no_grad(), self.timer("forward"):
             self.cap = capture_forward(model, ids)
-        self.lin = LinearReplacement(model, transcoders, self.cap)
+            self.lin = LinearReplacement(model, transcoders, self.cap)
         self.meta = dict(meta or {})
-        self.cache = RowCache(self.lin, config.batch_size)
+        self.cache = RowCache(self.lin, config.row_batch_size, self.timer)
 
     @property
     def rows_computed(self) -> int:
@@ -196,20 +224,22 @@ class TraceAttribution:
         nonfeature_cols = torch.cat([error_cols, token_cols])
         tokens, probs = salient_logits(self.cap.logits[pos], cfg.max_n_logits, cfg.desired_logit_prob)
         n_logits = len(tokens)
-        logit_rows = self.logit_rows(pos, tokens)
+        with self.timer("logits"):
+            logit_rows = self.logit_rows(pos, tokens)
 
         budget = n_f if cfg.max_feature_nodes is None else min(cfg.max_feature_nodes, n_f)
+        if 2 * budget >= n_f:  # most rows will be visited: compute them all in large batches first
+            self.cache.ensure(feats)
         if budget == n_f:
             selected = torch.arange(n_f, device=dev)
         else:
-            selected = self._greedy(feats, logit_rows, probs, budget)
+            with self.timer("greedy"):
+                selected = self._greedy(feats, logit_rows, probs, budget)
 
         chosen = feats[selected]
         cols = torch.cat([chosen, nonfeature_cols])
-        n_nodes = len(cols) + n_logits
-        adjacency = torch.zeros(n_nodes, n_nodes, device=dev)
-        self.cache.gather(chosen, cols, out=adjacency[: len(chosen), : len(cols)])
-        adjacency[-n_logits:, : len(cols)] = logit_rows[:, cols]
+        with self.timer("adjacency"):
+            adjacency = self._adjacency(chosen, n_pos, logit_rows[:, cols])
         active = torch.stack([lin.features.layer[feats], lin.features.pos[feats], lin.features.feat[feats]], 1)
         meta = {**self.meta, "position": pos, "step_index": step_index, "settings": asdict(cfg),
                 "n_active_features": n_f}
@@ -226,29 +256,68 @@ class TraceAttribution:
             meta=meta,
         )
 
+    def _adjacency(self, chosen: torch.Tensor, n_pos: int, logit_block: torch.Tensor) -> torch.Tensor:
+        """The dense graph adjacency, assembled from the cached rows by slicing (each entry written once).
+
+        Node order: chosen features (sorted by layer), errors (layer-major, ``n_pos`` each), tokens, logits.
+        A layer-``l`` row's compact store holds the features below ``l`` (global indices first), then
+        errors of layers ``< l`` (``n_pos`` of the trace's ``T`` each), then tokens.
+        """
+        lin, cache = self.lin, self.cache
+        L, T, nc = lin.n_layers, lin.n_pos, len(chosen)
+        n_logits = logit_block.shape[0]
+        n_cols = nc + L * n_pos + n_pos
+        n_nodes = n_cols + n_logits
+        adjacency = torch.empty(n_nodes, n_nodes, device=lin.device)
+        adjacency[nc:] = 0.0
+        adjacency[-n_logits:, :n_cols] = logit_block
+        cache.ensure(chosen)
+        starts = torch.searchsorted(lin.features.layer[chosen], torch.arange(L + 1, device=lin.device)).tolist()
+        tok = nc + L * n_pos
+        for l in range(L):
+            r0, r1 = starts[l], starts[l + 1]
+            if r1 == r0:
+                continue
+            rows = cache.store[l].rows.index_select(0, cache.slot[chosen[r0:r1]])  # [n, width_l]
+            block = adjacency[r0:r1]
+            block[:, :r0] = rows.index_select(1, chosen[:r0])  # features of lower layers (sorted before layer l)
+            block[:, r0:nc] = 0.0
+            err = lin.layer_offsets[l]
+            for j in range(L):
+                dst = block[:, nc + j * n_pos : nc + (j + 1) * n_pos]
+                if j < l:
+                    dst.copy_(rows[:, err + j * T : err + j * T + n_pos])
+                else:
+                    dst.zero_()
+            block[:, tok : tok + n_pos] = rows[:, err + l * T : err + l * T + n_pos]
+            block[:, n_cols:] = 0.0
+        return adjacency
+
     def _greedy(self, feats: torch.Tensor, logit_rows: torch.Tensor, probs: torch.Tensor, budget: int) -> torch.Tensor:
         """circuit-tracer's greedy visit order; returns the selected prefix-feature indices, ascending."""
-        cfg, lin = self.config, self.lin
+        cfg, lin, dev = self.config, self.lin, self.lin.device
         n_f = len(feats)
         layer_of = lin.features.layer[feats]
-        below = torch.searchsorted(layer_of, torch.arange(lin.n_layers, device=lin.device)).tolist()  # k_l: prefix features below layer l
+        below = torch.searchsorted(layer_of, torch.arange(lin.n_layers, device=dev)).tolist()  # k_l: prefix features below layer l
         absl = logit_rows.abs()
         logit_norm = absl[:, feats] / absl.sum(1, keepdim=True).clamp_min(1e-8)
-        layer_rows: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(lin.n_layers)]
-        visited = torch.zeros(n_f, dtype=torch.bool, device=lin.device)
+        visited_rows = [GrowingRows(below[l], dev) for l in range(lin.n_layers)]  # normalised |rows| of visited features
+        visited_idx = [torch.empty(0, dtype=torch.long, device=dev) for _ in range(lin.n_layers)]
+        visited = torch.zeros(n_f, dtype=torch.bool, device=dev)
         n_visited = 0
         while n_visited < budget:
-            influence = layered_influences(logit_norm, probs, layer_rows)
+            influence = layered_influences(logit_norm, probs, list(zip(visited_idx, (r.rows for r in visited_rows))))
             rank = torch.argsort(influence, descending=True)  # as circuit-tracer (its tie order among zero-influence features)
+            # circuit-tracer visits update_interval batches of batch_size features before it re-ranks
             queue = rank[~visited[rank]][: min(cfg.update_interval * cfg.batch_size, budget - n_visited)]
-            for start in range(0, len(queue), cfg.batch_size):
-                chunk = queue[start : start + cfg.batch_size]
-                for layer in layer_of[chunk].unique().tolist():
-                    part = chunk[layer_of[chunk] == layer]
-                    if layer == 0:
-                        continue  # layer-0 features have no feature sources
-                    rows = self.cache.gather(feats[part], feats[: below[layer]]).abs_()
-                    layer_rows[layer].append((part, rows / self.cache.abs_sum[feats[part], None].clamp_min(1e-8)))
-                visited[chunk] = True
-                n_visited += len(chunk)
+            queue_layers = layer_of[queue]
+            for layer in queue_layers.unique().tolist():
+                if layer == 0:
+                    continue  # layer-0 features have no feature sources
+                part = queue[queue_layers == layer]
+                rows = self.cache.gather(feats[part], feats[: below[layer]]).abs_()
+                visited_rows[layer].append(rows / self.cache.abs_sum[feats[part], None].clamp_min(1e-8))
+                visited_idx[layer] = torch.cat([visited_idx[layer], part])
+            visited[queue] = True
+            n_visited += len(queue)
         return visited.nonzero(as_tuple=True)[0]
