@@ -2,6 +2,12 @@
 
     python benchmarks/attribution.py                 # needs the peer extra: pip install -e '.[peer]'
     python benchmarks/attribution.py --no-peer       # crv only
+    python benchmarks/attribution.py --caps 1024 4096 --count 1   # the per-cap table and profile only
+
+``--caps``: for each cap, ms per step graph of crv *including pruning and the fingerprint* (the
+pipeline's unit of work) on 5- and 10-operator traces, circuit-tracer's ``attribute`` on the same
+step prefixes, and where crv's time goes (``profile_ms_per_step``: forward, rows, greedy,
+adjacency, logits, prune, fingerprint, at the largest cap), all in one run.
 
 On the shipped reasoner + transcoders, arithmetic traces (reference chains of thought) of 5 and
 10 operators, default settings (10 logits / 0.95 / 4096 features, batch 64). Per step graph:
@@ -54,6 +60,71 @@ def peak_rss(n: int, seed: int, threads: int) -> float:
     return float(out)
 
 
+def crv_pipeline_ms(att: Attributor, recs: list, profile: dict[str, float] | None = None) -> tuple[float, int]:
+    """Total ms and steps of crv's step work over ``recs``: graph, pruning, fingerprint (one forward per trace)."""
+    from crv.attribution.prune import prune
+    from crv.fingerprint.features import fingerprint_summary
+    from crv.fingerprint.summary import summarize
+
+    steps, start = 0, time.perf_counter()
+    for rec in recs:
+        tr, enc = att.trace_record(rec)
+        for k in range(len(rec.steps)):
+            g = tr.graph(pos=enc.last(k), step_index=k)
+            with tr.timer("prune"):
+                pr = prune(g)
+            with tr.timer("fingerprint"):
+                fingerprint_summary(summarize(g, pr))
+            steps += 1
+        if profile is not None:
+            for name, sec in tr.timer.totals.items():
+                profile[name] = profile.get(name, 0.0) + 1000 * sec
+    return 1000 * (time.perf_counter() - start), steps
+
+
+def cap_table(att: Attributor, args: argparse.Namespace) -> tuple[dict, dict]:
+    """``caps`` and ``profile_ms_per_step`` (see the module docstring)."""
+    import dataclasses
+
+    peer = None
+    if not args.no_peer:
+        from crv.attribution.peer import CircuitTracerPeer
+        from crv.lm.load import DEFAULT_MODEL_DIR
+        from crv.transcoders.io import DEFAULT_TRANSCODER_DIR
+
+        peer = CircuitTracerPeer.load(DEFAULT_MODEL_DIR, DEFAULT_TRANSCODER_DIR)
+        peer.graph(att.encode_record(records(3, 1, args.seed)[0]).ids[:20], att.config)  # warm-up
+    by_n = {n: records(n, args.count, args.seed) for n in (5, 10)}
+    caps, profile = {}, {}
+    for cap in args.caps:
+        att.config = dataclasses.replace(att.config, max_feature_nodes=cap)
+        row: dict = {}
+        crv_pipeline_ms(att, by_n[5][:1])  # warm-up
+        ct_ms = ct_steps = 0.0
+        for n, recs in by_n.items():
+            prof: dict[str, float] = {}
+            ms, steps = crv_pipeline_ms(att, recs, prof)
+            row[f"ms_per_step_{n}op"] = ms / steps
+            if cap == max(args.caps) and n == 5:
+                profile = {k: round(v / steps, 2) for k, v in sorted(prof.items(), key=lambda kv: -kv[1])}
+                profile["total"] = round(ms / steps, 2)
+            if peer is not None:
+                for rec in recs:
+                    enc = att.encode_record(rec)
+                    for k in range(len(rec.steps)):
+                        ct_ms += 1000 * peer.graph(enc.ids[: enc.last(k) + 1], att.config).seconds
+                        ct_steps += 1
+            print(json.dumps({"cap": cap, "n": n, "crv_ms_per_step": ms / steps}), flush=True)
+        if peer is not None:
+            crv_all = sum(row[f"ms_per_step_{n}op"] * sum(len(r.steps) for r in recs) for n, recs in by_n.items()) / ct_steps
+            row["circuit_tracer_ms_per_step"] = ct_ms / ct_steps
+            row["speedup_vs_circuit_tracer"] = row["circuit_tracer_ms_per_step"] / crv_all
+        row["steps"] = {f"{n}op": sum(len(r.steps) for r in recs) for n, recs in by_n.items()}
+        caps[str(cap)] = row
+        print(json.dumps({cap: row}), flush=True)
+    return caps, profile
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--count", type=int, default=2, help="traces per difficulty")
@@ -62,6 +133,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-peer", action="store_true", help="skip circuit-tracer")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--caps", type=int, nargs="+", default=None,
+                    help="only the per-cap table (crv incl. prune + fingerprint vs circuit-tracer) and the profile, "
+                         "merged into --out")
     ap.add_argument("--memory-probe", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--memory-only", action="store_true",
                     help="only re-measure the peak RSS of the largest n and update it in --out")
@@ -80,6 +154,17 @@ def main() -> None:
         return
 
     att = Attributor.load()
+    if args.caps:
+        caps, profile = cap_table(att, args)
+        result = json.loads(args.out.read_text()) if args.out.is_file() else {}
+        result.update({"caps": caps, "profile_ms_per_step": profile,
+                       "caps_command": "python benchmarks/attribution.py " + " ".join(sys.argv[1:]),
+                       "caps_note": "crv's ms per step graph include pruning and the fingerprint (one forward per "
+                                    "trace); circuit-tracer's are its attribute call on each step's prefix; "
+                                    f"profile at cap {max(args.caps)}, 5-operator traces; {args.threads} threads"})
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps({"caps": caps, "profile_ms_per_step": profile}, indent=2))
+        return
     cfg = att.config
     peer = None
     if not args.no_peer:
@@ -149,7 +234,7 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     old = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    result = {**{k: v for k, v in old.items() if k in ("smollm2", "gpu")}, **result}  # other benchmarks' keys are kept
+    result = {**{k: v for k, v in old.items() if k in ("smollm2", "gpu", "caps", "profile_ms_per_step", "caps_command", "caps_note")}, **result}  # other benchmarks' keys are kept
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
