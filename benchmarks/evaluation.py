@@ -1,11 +1,19 @@
 """Full evaluation of CRV against the baselines on reasoner-written CoT (arithmetic and boolean).
 
-    python benchmarks/evaluation.py --count 80 --bool-count 150 --max-feature-nodes 1024
+    python benchmarks/evaluation.py                      # build what is missing, then evaluate
+    python benchmarks/evaluation.py --build-only         # graphs and step tables only (resumable)
 
-Generates fresh problems (seeded), lets the shipped reasoner solve them greedily, labels
-every step, builds one attribution graph per step (cached under graphs/benchmark-evaluation/),
-and writes benchmarks/results/evaluation.json (the issue's format, fractions in [0, 1]) and
-benchmarks/results/evaluation.md (the table), plus the full run under runs/benchmark-evaluation/.
+Three datasets of fresh problems (one per ``--seeds`` value; counts per n below, weighted to
+n = 7 and 10 where the shipped reasoner errs most), solved greedily by the shipped reasoner
+and labelled; one attribution graph per step (at its last token and at its least confident
+token), stored as computed in ``graphs/benchmark-evaluation/`` so that a run may span sessions;
+each seed's step table goes to ``runs/benchmark-evaluation/seed-<s>/<task>.parquet`` once
+complete. Then every method is scored out of fold (5 folds over problems) on the pooled
+datasets of the seeds whose tables are complete, with intervals by problem and paired
+differences to CRV, and once per seed for the spread across datasets.
+
+Writes benchmarks/results/evaluation.json (fractions in [0, 1]), benchmarks/results/evaluation.md
+and the full report (report.md, report.html, summary.png) under runs/benchmark-evaluation/.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -22,69 +31,151 @@ import torch
 
 from crv.attribution.attributor import Attributor
 from crv.attribution.engine import AttributionConfig
-from crv.evaluate.methods import EvalConfig
+from crv.evaluate.methods import EvalConfig, TextInputs
 from crv.evaluate.pipeline import run_evaluation
+from crv.evaluate.prm import PRMConfig
+from crv.evaluate.report import markdown_table, write_report
+from crv.evaluate.run import evaluate_table, seed_spread
+from crv.extract import build_step_table
 from crv.reasoner.generate import generate_records
 from crv.tasks.cot import generate_problems
-from crv.tasks.schema import read_records, write_records
+from crv.tasks.schema import Record, read_records, write_records
 
 RESULTS = Path(__file__).parent / "results"
+KEEP = ("n_steps", "n_faulty", "n_problems", "n_test_steps", "n_test_faulty", "scoring", "folds", "ci_method", "n_boot",
+        "methods", "paired_vs_crv", "crv_plus_confidence_vs_best_confidence", "per_n", "ablation_auroc",
+        "chosen_on_train", "ms_per_step")
+
+
+def counts(spec: list[str]) -> dict[int, int]:
+    """``["3=40", "10=600"]`` -> ``{3: 40, 10: 600}``."""
+    try:
+        return {int(k): int(v) for k, v in (s.split("=") for s in spec)}
+    except ValueError:
+        raise SystemExit(f"counts are n=count pairs such as 7=400, not {spec}") from None
+
+
+def seed_records(att: Attributor, task: str, per_n: dict[int, int], seed: int, path: Path) -> list[Record]:
+    """The seed's solved and labelled problems of one task (generated once, then read back)."""
+    if path.is_file():
+        return read_records(path)
+    problems = [p for n, c in per_n.items() for p in generate_problems(task, n, c, seed=seed)]
+    records = generate_records(att.model, att.encoder, problems)
+    write_records(records, path)
+    return records
+
+
+def complete_table(records: list[Record], path: Path) -> pd.DataFrame | None:
+    """The stored step table of one seed's task if it covers every step of ``records``."""
+    if path.is_file():
+        table = pd.read_parquet(path)
+        if len(table) == sum(len(r.steps) for r in records if r.steps):
+            return table
+    return None
+
+
+def seed_table(att: Attributor, records: list[Record], path: Path, graph_dir: Path, extra: tuple[str, ...]) -> pd.DataFrame:
+    """The step table of one seed's task: read back when complete, else built (resuming from the graph store)."""
+    table = complete_table(records, path)
+    if table is not None:
+        return table
+    table = build_step_table(att, records, graph_dir, extra_targets=extra)
+    tmp = path.with_suffix(".tmp")
+    table.to_parquet(tmp, index=False)
+    tmp.replace(path)
+    return table
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--count", type=int, default=80, help="arithmetic problems per n in {3, 5, 7, 10}")
-    ap.add_argument("--bool-count", type=int, default=150, help="boolean problems per n in --bool-ns")
-    ap.add_argument("--bool-ns", type=int, nargs="+", default=[10], help="boolean n (errors are rare below 10)")
-    ap.add_argument("--seed", type=int, default=2027)
+    ap.add_argument("--arith", nargs="+", default=["3=40", "5=60", "7=400", "10=600"], help="arithmetic problems per n, per seed")
+    ap.add_argument("--bool", nargs="+", default=["3=20", "5=20", "7=40", "10=330"], help="boolean problems per n, per seed")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[2027, 2028, 2029], help="one fresh dataset per seed")
     ap.add_argument("--max-feature-nodes", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--n-boot", type=int, default=1000)
+    ap.add_argument("--prm-epochs", type=int, default=PRMConfig().epochs, help="0: no PRM baselines")
+    ap.add_argument("--seed-prm", action="store_true", help="also train the PRMs in each per-seed evaluation (slow)")
     ap.add_argument("--extra-target", nargs="*", default=["uncertain"], help="also CRV on graphs at these step targets")
     ap.add_argument("--run-dir", type=Path, default=Path("runs/benchmark-evaluation"))
     ap.add_argument("--graph-dir", type=Path, default=Path("graphs/benchmark-evaluation"))
-    ap.add_argument("--reuse-steps", action="store_true",
-                    help="reuse <run-dir>/steps.parquet of an earlier run on the same records (skips the graphs)")
+    ap.add_argument("--build-only", action="store_true", help="build the records, graphs and step tables, then stop")
+    ap.add_argument("--evaluate-only", action="store_true",
+                    help="build nothing: evaluate the seeds whose step tables are complete (an unfinished build's progress)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     command = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/evaluation.py", *sys.argv[1:]])
-
+    extra = tuple(args.extra_target)
     att = Attributor.load(config=AttributionConfig(max_feature_nodes=args.max_feature_nodes or None))
-    records_path = args.run_dir / "records.jsonl"
-    if records_path.is_file():
-        records = read_records(records_path)
-    else:
-        problems = [p for n in (3, 5, 7, 10) for p in generate_problems("arith", n, args.count, seed=args.seed)]
-        problems += [p for n in args.bool_ns for p in generate_problems("bool", n, args.bool_count, seed=args.seed)]
-        records = generate_records(att.model, att.encoder, problems)
-        write_records(records, records_path)
-    steps_file = args.run_dir / "steps.parquet"
-    table = pd.read_parquet(steps_file) if args.reuse_steps and steps_file.is_file() else None
+    tasks = {"arith": counts(args.arith), "bool": counts(args.bool)}
+
     start = time.time()
-    results = run_evaluation(records, att, args.run_dir, args.graph_dir, EvalConfig(), command=command,
-                             extra_targets=tuple(args.extra_target), table=table)
-    seconds = time.time() - start
+    records: dict[int, list[Record]] = {}
+    tables: dict[int, pd.DataFrame] = {}
+    for seed in args.seeds:
+        d = args.run_dir / f"seed-{seed}"
+        d.mkdir(parents=True, exist_ok=True)
+        recs = {t: seed_records(att, t, c, seed, d / f"{t}-records.jsonl") for t, c in tasks.items()}
+        print(f"seed {seed}: " + ", ".join(f"{t} {len(r)} traces" for t, r in recs.items()), flush=True)
+        records[seed] = [r for t in tasks for r in recs[t]]
+        if args.evaluate_only:
+            done = [complete_table(recs[t], d / f"{t}.parquet") for t in tasks]
+            if any(t is None for t in done):
+                print(f"seed {seed}: step tables not complete, left out", flush=True)
+                continue
+            tables[seed] = pd.concat(done, ignore_index=True)
+        else:
+            tables[seed] = pd.concat([seed_table(att, recs[t], d / f"{t}.parquet", args.graph_dir, extra) for t in tasks],
+                                     ignore_index=True)
+        print(f"seed {seed}: step tables complete ({len(tables[seed])} steps, {int(tables[seed]['faulty'].sum())} faulty)",
+              flush=True)
+    build_seconds = time.time() - start
+    if args.build_only:
+        print(f"built in {build_seconds:.0f} s")
+        return
+    if not tables:
+        raise SystemExit("no seed's step tables are complete: run without --evaluate-only first")
+
+    prm = PRMConfig(epochs=args.prm_epochs) if args.prm_epochs > 0 else None
+    cfg = EvalConfig(folds=args.folds, n_boot=args.n_boot, prm=prm)
+    pooled_records = [r for s in tables for r in records[s] if r.steps]
+    pooled = pd.concat(list(tables.values()), ignore_index=True)
+    t0 = time.time()
+    results = run_evaluation(pooled_records, att, args.run_dir, args.graph_dir, cfg, command=command,
+                             extra_targets=extra, table=pooled)
+    by_id = {r.problem_id: r for r in pooled_records}
+    seed_cfg = cfg if args.seed_prm else EvalConfig(folds=args.folds, n_boot=args.n_boot, prm=None)
+    per_seed = [evaluate_table(tables[s], seed_cfg, TextInputs(att.model, att.encoder, by_id)) for s in tables]
+    spread = seed_spread(per_seed)
+    results["seeds"] = spread
+    results["files"] = {k: str(v) for k, v in write_report(results, args.run_dir, command).items()}
+    results["markdown"] = markdown_table(results)
+    eval_seconds = time.time() - t0
     print(results["markdown"])
 
     out: dict = {}
-    for task in ("arith", "bool"):
+    for task in tasks:
         r = results.get(task)
         if r is None:
             out[task] = {"skipped": results["skipped"].get(task, "no steps")}
             continue
-        out[task] = {"n_steps": r["n_steps"], "n_faulty": r["n_faulty"], "n_test_steps": r["n_test_steps"],
-                     "n_test_faulty": r["n_test_faulty"], "methods": r["methods"], "ablation_auroc": r["ablation_auroc"],
-                     "chosen_on_train": r["chosen_on_train"], "ms_per_step": r.get("ms_per_step", {})}
+        out[task] = {k: r[k] for k in KEEP if k in r}
+        out[task]["seeds"] = spread.get(task, {})
     out["transfer"] = results["transfer"]
     out["transfer_trained_on_both"] = results["transfer_trained_on_both"]
-    out["settings"] = {"max_feature_nodes": args.max_feature_nodes, "arith_count_per_n": args.count,
-                       "bool_count_per_n": args.bool_count, "bool_ns": args.bool_ns, "seed": args.seed,
-                       "threads": args.threads, "seconds": round(seconds),
-                       "step_target": "last", "extra_targets": args.extra_target}
+    out["settings"] = {"max_feature_nodes": args.max_feature_nodes, "arith_count_per_n": tasks["arith"],
+                       "bool_count_per_n": tasks["bool"], "seeds": list(tables), "seeds_requested": args.seeds,
+                       "folds": args.folds, "n_boot": args.n_boot, "prm_epochs": args.prm_epochs,
+                       "seed_evaluations_with_prm": bool(args.seed_prm and prm), "threads": args.threads,
+                       "build_seconds": round(build_seconds), "eval_seconds": round(eval_seconds),
+                       "step_target": "last", "extra_targets": list(extra)}
     out["command"] = command
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "evaluation.json").write_text(json.dumps(out, indent=2, default=float) + "\n")
     (RESULTS / "evaluation.md").write_text(f"# Evaluation\n\n`{command}`\n\n{results['markdown']}\n")
-    print(f"wrote {RESULTS / 'evaluation.json'} ({seconds:.0f} s)")
+    shutil.copy(args.run_dir / "summary.png", RESULTS / "evaluation.png")
+    print(f"wrote {RESULTS / 'evaluation.json'} (build {build_seconds:.0f} s, evaluation {eval_seconds:.0f} s)")
 
 
 if __name__ == "__main__":

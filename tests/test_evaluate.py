@@ -4,6 +4,7 @@ import json
 import re
 
 import pandas as pd
+import pytest
 from typer.testing import CliRunner
 
 from crv.cli import app
@@ -21,12 +22,18 @@ def corrupt(completion: str, task: str, step: int) -> str:
     return "\n".join(lines)
 
 
-def dataset(tmp_path):
+def labelled_records():
+    """16 problems per task at n = 3, every second one with its second step made wrong."""
     records = []
     for task in ("arith", "bool"):
         for i, prob in enumerate(generate_problems(task, 3, 16, seed=21)):
             text = corrupt(prob.completion, task, 1) if i % 2 else prob.completion
             records.append(label_output(prob, text))
+    return records
+
+
+def dataset(tmp_path):
+    records = labelled_records()
     path = tmp_path / "records.jsonl"
     write_records(records, path)
     return path, records
@@ -37,7 +44,7 @@ def test_evaluate_end_to_end(tmp_path):
     assert sum(r.labels.count(0) for r in records) == 16
     run_dir, graph_dir = tmp_path / "run", tmp_path / "graphs"
     args = ["evaluate", "--data", str(path), "--run-dir", str(run_dir), "--graph-dir", str(graph_dir), "--extra-target", "result",
-            "--max-feature-nodes", "64", "--n-boot", "20", "--test-fraction", "0.25", "--threads", "2"]
+            "--max-feature-nodes", "64", "--n-boot", "20", "--folds", "3", "--prm-epochs", "2", "--threads", "2"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "| crv |" in result.output and "| maxprob |" in result.output
@@ -46,14 +53,23 @@ def test_evaluate_end_to_end(tmp_path):
         assert out[task]["n_faulty"] == 8
         methods = out[task]["methods"]
         assert {"crv", "crv_gbc", "maxprob", "ppl", "entropy", "temp_scaling", "energy", "lr_probe", "mlp_probe", "tc_only",
-                "crv_result", "prm_finetuned", "prm_frozen", "crv_plus_prm"} == set(methods)
+                "crv_result", "prm_finetuned", "prm_frozen", "crv_plus_prm", "crv_plus_confidence"} == set(methods)
         for m in methods.values():
-            assert 0 <= m["auroc"] <= 1 and 0 <= m["fpr95"] <= 1 and m["auroc_ci"][0] <= m["auroc_ci"][1]
+            assert 0 <= m["auroc"] <= 1 and 0 <= m["fpr95"] <= 1
+            for k in ("auroc", "aupr", "fpr95"):
+                assert m[f"{k}_ci"][0] <= m[f"{k}_ci"][1]
+        # out of fold by default: every step scored, intervals by problem
+        assert out[task]["scoring"] == "out_of_fold" and out[task]["ci_method"] == "problem_bootstrap"
+        assert out[task]["n_test_steps"] == out[task]["n_steps"] and set(out[task]["per_n"]) == {"3"}
+        assert set(out[task]["paired_vs_crv"]) == set(methods) - {"crv"}
         assert set(out[task]["ms_per_step"]) == {"crv", "prm_finetuned", "prm_frozen"}
         assert all(v > 0 for v in out[task]["ms_per_step"].values())
         assert set(out[task]["ablation_auroc"]) == {"without_global", "without_node", "without_topology"}
     assert set(out["transfer"]) == {"arith->bool", "bool->arith"}
-    assert (run_dir / "report.html").read_text().count("data:image/png;base64") == 1
+    html = (run_dir / "report.html").read_text()
+    assert html.count("data:image/png;base64") == 2 and "bootstrap over problems" in html
+    assert (run_dir / "summary.png").read_bytes()[:4] == b"\x89PNG"
+    assert "![AUROC per method and per n](summary.png)" in (run_dir / "report.md").read_text()
     fps = pd.read_parquet(graph_dir / "fingerprints.parquet")
     assert len(fps) == sum(len(r.steps) for r in records) and fps["faulty"].sum() == 16
     assert (run_dir / "classifiers" / "arith.xgb.json").is_file()
@@ -72,3 +88,86 @@ def test_evaluate_end_to_end(tmp_path):
     assert all(p.stat().st_mtime_ns == mtimes[p] for p in cached)
     pd.testing.assert_frame_equal(pd.read_parquet(graph_dir / "fingerprints.parquet"), fps)
     assert re.search(r"arith: \d+ steps \(8 faulty\)", (run_dir / "report.md").read_text())
+
+
+@pytest.fixture(scope="module")
+def step_table():
+    """A real step table (shipped reasoner and transcoders, cap 64) and its records."""
+    from crv.attribution.attributor import Attributor
+    from crv.attribution.engine import AttributionConfig
+    from crv.extract import build_step_table
+
+    records = labelled_records()
+    att = Attributor.load(config=AttributionConfig(max_feature_nodes=64))
+    return build_step_table(att, records, None, progress=False), records, att
+
+
+def test_out_of_fold_never_scores_a_step_with_a_model_that_saw_its_problem(step_table, monkeypatch):
+    from crv.classify.model import StepClassifier
+    from crv.evaluate.methods import EvalConfig, TextInputs
+    from crv.evaluate.prm import PRMConfig, ProcessRewardModel
+    from crv.evaluate.run import evaluate_table
+
+    table, records, att = step_table
+    arith = table[table["task"] == "arith"].reset_index(drop=True)
+    problem_of = arith["problem_id"].to_numpy()
+    seen: dict[int, set] = {}
+    scored: list[str] = []
+    fit, proba = StepClassifier.fit, StepClassifier.predict_proba
+    prm_fit, prm_score = ProcessRewardModel.fit, ProcessRewardModel.score
+
+    def spy_fit(self, X, y):
+        seen[id(self)] = set(problem_of[X.index])
+        return fit(self, X, y)
+
+    def spy_proba(self, X):
+        assert not seen[id(self)] & set(problem_of[X.index]), "a classifier scored a problem it was trained on"
+        scored.extend(problem_of[X.index])
+        return proba(self, X)
+
+    def spy_prm_fit(self, recs, progress=False):
+        seen[id(self)] = {r.problem_id for r in recs}
+        return prm_fit(self, recs, progress)
+
+    def spy_prm_score(self, recs):
+        assert not seen[id(self)] & {r.problem_id for r in recs}, "a PRM scored a problem it was trained on"
+        return prm_score(self, recs)
+
+    monkeypatch.setattr(StepClassifier, "fit", spy_fit)
+    monkeypatch.setattr(StepClassifier, "predict_proba", spy_proba)
+    monkeypatch.setattr(ProcessRewardModel, "fit", spy_prm_fit)
+    monkeypatch.setattr(ProcessRewardModel, "score", spy_prm_score)
+    cfg = EvalConfig(folds=4, n_boot=50, prm=PRMConfig(epochs=1, crossfit_folds=2))
+    text = TextInputs(att.model, att.encoder, {r.problem_id: r for r in records})
+    out = evaluate_table(arith, cfg, text)["arith"]
+    assert out["scoring"] == "out_of_fold" and out["ci_method"] == "problem_bootstrap" and out["folds"] == 4
+    # every step is scored (once per CRV-type classifier), all steps count
+    assert out["n_test_steps"] == len(arith) and out["n_test_faulty"] == out["n_faulty"] == int(arith["faulty"].sum())
+    assert set(scored) == set(problem_of)
+    assert {"crv", "crv_plus_confidence", "crv_plus_prm", "prm_finetuned", "prm_frozen", "maxprob"} <= set(out["methods"])
+    assert len(out["chosen_on_train"]["temperature"]) == 4  # chosen inside each fit's training folds
+    # per-n rows add up to the totals
+    assert sum(r["n_steps"] for r in out["per_n"].values()) == out["n_steps"]
+    assert sum(r["n_faulty"] for r in out["per_n"].values()) == out["n_faulty"]
+    # paired differences: CRV is the reference; intervals contain the point difference
+    assert "crv" not in out["paired_vs_crv"]
+    for d in out["paired_vs_crv"].values():
+        assert d["ci"][0] - 1e-12 <= d["auroc_diff"] <= d["ci"][1] + 1e-12
+        assert -1 <= d["auroc_diff"] <= 1
+    v = out["crv_plus_confidence_vs_best_confidence"]
+    assert v["baseline"] in ("maxprob", "ppl", "entropy", "temp_scaling", "energy")
+    assert v["auroc_diff"] == pytest.approx(out["methods"]["crv_plus_confidence"]["auroc"] - out["methods"][v["baseline"]]["auroc"])
+
+
+def test_split_mode_scores_only_the_held_out_problems(step_table):
+    from crv.evaluate.methods import EvalConfig
+    from crv.evaluate.run import evaluate_table
+
+    table, _, _ = step_table
+    out = evaluate_table(table, EvalConfig(scoring="split", test_fraction=0.25, n_boot=50, prm=None))
+    for task in ("arith", "bool"):
+        r = out[task]
+        assert r["scoring"] == "split" and 0 < r["n_test_steps"] < r["n_steps"]
+        assert sum(p["n_steps"] for p in r["per_n"].values()) == r["n_test_steps"]
+    with pytest.raises(ValueError, match="scoring"):
+        EvalConfig(scoring="loo")

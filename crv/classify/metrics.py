@@ -19,7 +19,7 @@ def aupr(y: np.ndarray, score: np.ndarray) -> float:
 
 def fpr_at_95(y: np.ndarray, score: np.ndarray, recall: float = 0.95) -> float:
     """False-positive rate on correct steps at the first threshold that catches ``recall`` of the faulty ones."""
-    fpr, tpr, _ = roc_curve(y, score)
+    fpr, tpr, _ = roc_curve(y, score, drop_intermediate=False)  # every threshold: the first one reaching the recall
     return float(fpr[np.searchsorted(tpr, recall, side="left")])
 
 

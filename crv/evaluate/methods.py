@@ -40,19 +40,40 @@ METHODS = {
     "prm_finetuned": "process reward model: the reasoner fine-tuned with a scalar head on the step's last token",
     "prm_frozen": "process reward model, reasoner frozen: linear head on the step's last-token hidden state (layer chosen on the training split)",
     "crv_plus_prm": "xgboost on the fingerprint plus the fine-tuned PRM's score (out-of-fold on the training split)",
+    "crv_plus_confidence": "xgboost on the fingerprint plus the black-box confidence scores (bb.*)",
 }
+
+#: the black-box confidence scores (no training beyond a temperature)
+BLACK_BOX = ("maxprob", "ppl", "entropy", "temp_scaling", "energy")
+
+SCORING = ("out_of_fold", "split")
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Evaluation settings."""
+    """Evaluation settings.
 
-    test_fraction: float = 0.2  # via stratified group k-fold: 1 / round(1 / test_fraction) of the problems
+    ``scoring="out_of_fold"`` (default): every step is scored by the fit of the ``folds``-fold
+    cross-fit (grouped by problem) that did not see its problem; ``"split"``: one held-out split
+    of ``test_fraction`` of the problems. Intervals resample problems (``n_boot`` times).
+    """
+
+    scoring: str = "out_of_fold"
+    folds: int = 5
+    test_fraction: float = 0.2  # split mode, via stratified group k-fold: 1 / round(1 / test_fraction) of the problems
     seed: int = 0
     n_boot: int = 1000
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     probe_folds: int = 3
     prm: PRMConfig | None = field(default_factory=PRMConfig)  # None: no PRM baselines
+
+    def __post_init__(self) -> None:
+        if self.scoring not in SCORING:
+            raise ValueError(f"scoring must be one of {SCORING}, not {self.scoring!r}")
+        if self.folds < 2:
+            raise ValueError(f"folds must be at least 2, not {self.folds}")
+        if not 0 < self.test_fraction < 1:
+            raise ValueError(f"test_fraction must be in (0, 1), not {self.test_fraction}")
 
 
 @dataclass(frozen=True)
@@ -202,6 +223,9 @@ def score_methods(train: pd.DataFrame, test: pd.DataFrame, cfg: EvalConfig,
     scores["energy"] = test["bb.energy"].to_numpy()
     scores["lr_probe"], chosen["lr_probe_layer"] = _probe(lr_probe, train, test, cfg)
     scores["mlp_probe"], chosen["mlp_probe_layer"] = _probe(lambda: mlp_probe(cfg.seed), train, test, cfg)
+    both = fit_crv(train, fp + groups["bb"], cfg)
+    scores["crv_plus_confidence"] = both.predict_proba(test[fp + groups["bb"]])[:, 1]
+    chosen["crv_plus_confidence_top_features"] = both.feature_importances().head(10).round(4).to_dict()
     tc = fit_crv(train, groups["tc"], cfg)
     scores["tc_only"] = tc.predict_proba(test[groups["tc"]])[:, 1]
     for group in (g for g in groups if g.startswith("fingerprint:")):

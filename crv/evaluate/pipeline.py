@@ -8,7 +8,8 @@ import pandas as pd
 
 from crv.attribution.attributor import Attributor
 from crv.classify.model import StepClassifier
-from crv.evaluate.methods import EvalConfig, TextInputs, split
+from crv.evaluate.crossfit import make_scheme
+from crv.evaluate.methods import EvalConfig, TextInputs
 from crv.evaluate.report import markdown_table, write_report
 from crv.evaluate.run import evaluate_table, save_step_table
 from crv.evaluate.steps import column_groups, time_crv
@@ -35,7 +36,8 @@ def run_evaluation(
     Each trace's rows and pruned graphs are stored in ``graph_dir`` as they are computed (a rerun
     or an interrupted run reuses them; see :mod:`crv.extract`); the report files
     (``report.md``, ``evaluation.json``, ``report.html``), ``steps.parquet`` and the CRV
-    classifier trained on each task's training split (``classifiers/<task>``) go to ``run_dir``.
+    classifier of each task (``classifiers/<task>``: trained on all its steps out of fold, on the
+    training split in split mode) go to ``run_dir``.
     A step table from an earlier run of the same records (``steps.parquet``) may be passed as ``table``.
     CRV's cost per step is timed from scratch on up to ``cost_sample`` test traces of each task
     (the PRMs' on all test traces), in the same run.
@@ -49,18 +51,18 @@ def run_evaluation(
         raise ValueError(f"the step table has {len(table)} rows but the records have {sum(len(r.steps) for r in records)} steps")
     save_step_table(table, run_dir, graph_dir)
     by_id = {r.problem_id: r for r in records}
-    results = evaluate_table(table, config, TextInputs(att.model, att.encoder, by_id))
+    results = evaluate_table(table, config, TextInputs(att.model, att.encoder, by_id), progress=progress)
     results["step_target"] = target
     results["model"] = {"id": att.model_id, "prompt_format": att.prompt_format}
     fp = column_groups(table)["fingerprint"]
     for task in [t for t in results if isinstance(results[t], dict) and "methods" in results[t]]:
         t = table[table["task"] == task].reset_index(drop=True)
-        train_idx, test_idx = split(t, config)
+        scheme = make_scheme(t, config)
         if cost_sample > 0:
-            sample = [by_id[p] for p in list(dict.fromkeys(t.iloc[test_idx]["problem_id"]))[:cost_sample]]
+            sample = [by_id[p] for p in list(dict.fromkeys(t.iloc[scheme.scored]["problem_id"]))[:cost_sample]]
             results[task]["ms_per_step"] = {"crv": time_crv(att, sample, target), **results[task]["ms_per_step"]}
-        StepClassifier(config.classifier).fit(t.iloc[train_idx][fp], t.iloc[train_idx]["faulty"].to_numpy()).save(
-            run_dir / "classifiers" / task)
+        train = t.iloc[scheme.fit_rows()]
+        StepClassifier(config.classifier).fit(train[fp], train["faulty"].to_numpy()).save(run_dir / "classifiers" / task)
     results["files"] = {k: str(v) for k, v in write_report(results, run_dir, command).items()}
     results["markdown"] = markdown_table(results)
     return results

@@ -1,4 +1,4 @@
-"""Evaluation reports: a markdown table, a JSON file and an HTML page with ROC and PR curves."""
+"""Evaluation reports: a summary plot, a markdown table, a JSON file and an HTML page with ROC and PR curves."""
 
 from __future__ import annotations
 
@@ -17,11 +17,36 @@ def _tasks(results: dict) -> list[str]:
     return [k for k, v in results.items() if isinstance(v, dict) and "methods" in v]
 
 
+def method_note(results: dict) -> str:
+    """How the numbers were made (scoring scheme and intervals), for the report's reader."""
+    cfg = results.get("settings", {})
+    if cfg.get("scoring", "split") == "out_of_fold":
+        scoring = (f"Out-of-fold scoring: the problems are dealt into {cfg.get('folds')} folds (grouped by problem, "
+                   "stratified by faulty steps); every method is trained once per fold on the other folds, and each step "
+                   "is scored by the fit that never saw its problem. Choices such as a probe's layer or a temperature "
+                   "are made inside each fit's training folds. Metrics are on all steps.")
+    else:
+        scoring = (f"Held-out split: {100 * cfg.get('test_fraction', 0.2):.0f}% of the problems are the test set "
+                   "(grouped by problem, stratified by faulty steps); metrics are on the test steps.")
+    return (scoring + f" Intervals: 95% percentile bootstrap over problems ({cfg.get('n_boot')} resamples; all steps of a "
+            "drawn problem go together, resamples without both classes skipped). Δ vs CRV is the paired difference "
+            "(both methods on the same resamples).")
+
+
+def _pct(v: float | None) -> str:
+    return "—" if v is None else f"{100 * v:.1f}"
+
+
+def _ci(ci: list | None) -> str:
+    return "" if not ci else f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+
+
 def markdown_table(results: dict) -> str:
-    """Methods as rows; AUROC [95% CI], AUPR and FPR@95 (percent) per task."""
+    """Methods as rows; AUROC [95% CI], AUPR, FPR@95 and the paired AUROC difference to CRV (percent) per task;
+    then per-difficulty AUROC, transfer, ablation and costs."""
     tasks = _tasks(results)
-    head = "| method | " + " | ".join(f"{t} AUROC↑ | {t} AUPR↑ | {t} FPR@95↓" for t in tasks) + " |"
-    sep = "|---|" + "---|---|---|" * len(tasks)
+    head = "| method | " + " | ".join(f"{t} AUROC↑ | {t} AUPR↑ | {t} FPR@95↓ | {t} ΔAUROC vs crv" for t in tasks) + " |"
+    sep = "|---|" + "---|---|---|---|" * len(tasks)
     lines = [head, sep]
     present = [m for m in METHODS if any(m in results[t]["methods"] for t in tasks)]
     present += sorted({m for t in tasks for m in results[t]["methods"] if m not in METHODS})
@@ -30,15 +55,43 @@ def markdown_table(results: dict) -> str:
         for t in tasks:
             r = results[t]["methods"].get(m)
             if r is None:
-                cells += ["—"] * 3
+                cells += ["—"] * 4
                 continue
-            lo, hi = r["auroc_ci"]
-            cells += [f"{100 * r['auroc']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]", f"{100 * r['aupr']:.1f}", f"{100 * r['fpr95']:.1f}"]
+            d = results[t].get("paired_vs_crv", {}).get(m)
+            cells += [f"{_pct(r['auroc'])}{_ci(r.get('auroc_ci'))}", f"{_pct(r['aupr'])}{_ci(r.get('aupr_ci'))}",
+                      f"{_pct(r['fpr95'])}{_ci(r.get('fpr95_ci'))}",
+                      "—" if d is None else f"{100 * d['auroc_diff']:+.1f}{_ci(d['ci'])}"]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    counts = ", ".join(f"{t}: {results[t]['n_steps']} steps ({results[t]['n_faulty']} faulty), test {results[t]['n_test_steps']} "
-                       f"({results[t]['n_test_faulty']} faulty)" for t in tasks)
     lines.append("")
+    counts = ", ".join(f"{t}: {results[t]['n_steps']} steps ({results[t]['n_faulty']} faulty) of "
+                       f"{results[t].get('n_problems', '?')} problems, scored {results[t]['n_test_steps']} "
+                       f"({results[t]['n_test_faulty']} faulty)" for t in tasks)
     lines.append(f"Steps: {counts}.")
+    lines.append("")
+    lines.append(method_note(results))
+    for t in tasks:
+        v = results[t].get("crv_plus_confidence_vs_best_confidence")
+        if v:
+            lines.append(f"\nDoes the graph add to confidence ({t})? crv_plus_confidence − {v['baseline']} (the best "
+                         f"black-box score here): {100 * v['auroc_diff']:+.1f} AUROC points{_ci(v['ci'])}.")
+    for t in tasks:
+        pn = results[t].get("per_n")
+        if not pn:
+            continue
+        ns = list(pn)
+        lines += ["", f"AUROC per difficulty n ({t}):", "",
+                  "| method | " + " | ".join(f"n={n} ({pn[n]['n_faulty']}/{pn[n]['n_steps']})" for n in ns) + " |",
+                  "|---|" + "---|" * len(ns)]
+        for m in present:
+            if m in results[t]["methods"]:
+                lines.append(f"| {m} | " + " | ".join(_pct(pn[n]["methods"].get(m, {}).get("auroc")) for n in ns) + " |")
+    seeds = results.get("seeds")
+    if seeds:
+        for t in tasks:
+            if t in seeds:
+                lines += ["", f"Across datasets ({t}, one evaluation per seed): AUROC mean ± sd: "
+                          + ", ".join(f"{m} {100 * v['auroc_mean']:.1f} ± {100 * v['auroc_sd']:.1f}" for m, v in seeds[t].items())]
+    lines.append("")
     if results.get("transfer"):
         lines.append("Transfer (CRV AUROC): " + ", ".join(f"{k} {100 * v:.1f}" for k, v in results["transfer"].items())
                      + "; trained on both: " + ", ".join(f"{k} {100 * v:.1f}" for k, v in results["transfer_trained_on_both"].items()))
@@ -52,6 +105,54 @@ def markdown_table(results: dict) -> str:
     for t, why in results.get("skipped", {}).items():
         lines.append(f"Skipped {t}: {why}")
     return "\n".join(lines)
+
+
+def summary_png(results: dict) -> bytes:
+    """The at-a-glance plot: per task, each method's AUROC with its interval (CRV highlighted), and AUROC per n."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = _tasks(results)
+    fig, axes = plt.subplots(len(tasks), 2, figsize=(12, 0.32 * max(len(results[t]["methods"]) for t in tasks) * len(tasks) + 2.5),
+                             squeeze=False, gridspec_kw={"width_ratios": [1.2, 1]})
+    for row, t in enumerate(tasks):
+        ms = results[t]["methods"]
+        names = sorted(ms, key=lambda m: ms[m]["auroc"])
+        ax = axes[row, 0]
+        for i, m in enumerate(names):
+            lo, hi = ms[m].get("auroc_ci") or (ms[m]["auroc"], ms[m]["auroc"])
+            color = "crimson" if m == "crv" else ("darkorange" if m.startswith("crv") else "steelblue")
+            ax.errorbar(100 * ms[m]["auroc"], i, xerr=[[100 * (ms[m]["auroc"] - lo)], [100 * (hi - ms[m]["auroc"])]],
+                        fmt="o", color=color, ms=7 if m == "crv" else 4, lw=2.5 if m == "crv" else 1.2, capsize=2)
+        ax.set_yticks(range(len(names)), names, fontsize=8)
+        for lab in ax.get_yticklabels():
+            if lab.get_text() == "crv":
+                lab.set_color("crimson")
+                lab.set_fontweight("bold")
+        ax.axvline(50, color="k", ls=":", lw=0.8)
+        ax.set(title=f"{t}: AUROC with 95% problem-bootstrap interval ({results[t]['n_faulty']} faulty steps)",
+               xlabel="AUROC (%)")
+        ax.title.set_fontsize(9)
+        ax = axes[row, 1]
+        pn = results[t].get("per_n", {})
+        ns = [int(n) for n in pn]
+        for m in names:
+            vals = [pn[str(n)]["methods"].get(m, {}).get("auroc") for n in ns]
+            vals = [float("nan") if v is None else 100 * v for v in vals]
+            hl = m == "crv"
+            ax.plot(ns, vals, marker="o", lw=2.5 if hl else 0.9, color="crimson" if hl else None,
+                    alpha=1.0 if hl or m.startswith("crv") or m in ("maxprob", "prm_finetuned") else 0.45, label=m)
+        ax.set_xticks(ns)
+        ax.set(title=f"{t}: AUROC per difficulty n", xlabel="n (operators)", ylabel="AUROC (%)")
+        ax.title.set_fontsize(9)
+        ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return buf.getvalue()
 
 
 def _curves_png(results: dict) -> str:
@@ -89,16 +190,21 @@ def write_report(results: dict, run_dir: str | Path, command: str) -> dict[str, 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     md = markdown_table(results)
-    paths = {"markdown": run_dir / "report.md", "json": run_dir / "evaluation.json", "html": run_dir / "report.html"}
-    paths["markdown"].write_text(f"# crv evaluation\n\n`{command}`\n\n{md}\n")
+    paths = {"markdown": run_dir / "report.md", "json": run_dir / "evaluation.json", "html": run_dir / "report.html",
+             "plot": run_dir / "summary.png"}
+    png = summary_png(results) if _tasks(results) else b""
+    paths["plot"].write_bytes(png)
+    paths["markdown"].write_text(f"# crv evaluation\n\n`{command}`\n\n![AUROC per method and per n](summary.png)\n\n{md}\n")
     data = public(results)
     data["command"] = command
     paths["json"].write_text(json.dumps(data, indent=2, default=float) + "\n")
     rows = "".join(f"<li><b>{m}</b>: {d}</li>" for m, d in METHODS.items())
     table_html = "<pre>" + md.replace("&", "&amp;").replace("<", "&lt;") + "</pre>"
     img = f'<img src="data:image/png;base64,{_curves_png(results)}"/>' if _tasks(results) else ""
+    lead = f'<img src="data:image/png;base64,{base64.b64encode(png).decode()}"/>' if png else ""
     paths["html"].write_text(
         f"<!doctype html><meta charset='utf-8'><title>crv evaluation</title><h1>crv evaluation</h1>"
-        f"<p><code>{command}</code></p>{table_html}<h2>Curves</h2>{img}<h2>Methods</h2><ul>{rows}</ul>"
+        f"<p><code>{command}</code></p>{lead}<p>{method_note(results)}</p>{table_html}<h2>Curves</h2>{img}"
+        f"<h2>Methods</h2><ul>{rows}</ul>"
     )
     return paths

@@ -1,4 +1,5 @@
-"""Dataset evaluation: CRV vs baselines per task, leave-one-family-out ablation, cross-domain transfer."""
+"""Dataset evaluation: CRV vs baselines per task (out of fold, intervals by problem, paired differences,
+per difficulty), leave-one-family-out ablation, cross-domain transfer, spread over datasets."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from crv.classify.metrics import auroc, evaluate_scores
-from crv.evaluate.methods import EvalConfig, TextInputs, fit_crv, score_methods, split
+from crv.classify.metrics import aupr, auroc, fpr_at_95
+from crv.evaluate.crossfit import Scheme, make_scheme, merge_chosen, score_scheme
+from crv.evaluate.intervals import ProblemBootstrap
+from crv.evaluate.methods import BLACK_BOX, EvalConfig, TextInputs, fit_crv
 from crv.evaluate.steps import column_groups
 from crv.fingerprint.features import feature_families
 
@@ -18,75 +21,148 @@ def _n_layers(table: pd.DataFrame) -> int:
     return sum(1 for c in table.columns if c.startswith("layer_hist_"))
 
 
-def evaluate_task(table: pd.DataFrame, cfg: EvalConfig, text: TextInputs | None = None) -> dict:
-    """Every method's test metrics on one task's steps, the ablation, and the curves' raw scores.
+def method_metrics(y: np.ndarray, score: np.ndarray, boot: ProblemBootstrap) -> dict:
+    """AUROC, AUPR and FPR@95 of one method with their problem-bootstrap 95% intervals."""
+    ci = boot.metric_ci(score)
+    return {"auroc": auroc(y, score), "aupr": aupr(y, score), "fpr95": fpr_at_95(y, score),
+            **{f"{k}_ci": list(v) for k, v in ci.items()}}
+
+
+def per_n(scored: pd.DataFrame, scores: dict[str, np.ndarray], cfg: EvalConfig) -> dict:
+    """Each method's AUROC (with its problem-bootstrap interval) on the steps of each difficulty ``n``.
+
+    AUROC is ``None`` where the steps of that ``n`` are all correct or all faulty.
+    """
+    out = {}
+    n_values = scored["n"].to_numpy()
+    for n in sorted(set(n_values.tolist())):
+        m = n_values == n
+        y = scored["faulty"].to_numpy()[m]
+        row: dict = {"n_steps": int(m.sum()), "n_faulty": int(y.sum()), "methods": {}}
+        both = 0 < y.sum() < len(y)
+        boot = ProblemBootstrap(y, scored["problem_id"].to_numpy()[m], cfg.n_boot, cfg.seed) if both else None
+        for name, s in scores.items():
+            if boot is None:
+                row["methods"][name] = {"auroc": None, "auroc_ci": None}
+            else:
+                row["methods"][name] = {"auroc": auroc(y, s[m]), "auroc_ci": list(boot.metric_ci(s[m])["auroc"])}
+        out[str(n)] = row
+    return out
+
+
+def _paired(boot: ProblemBootstrap, a: np.ndarray, b: np.ndarray) -> dict:
+    d = boot.paired_diff(a, b)
+    return {"auroc_diff": d.diff, "ci": list(d.ci)}
+
+
+def evaluate_task(table: pd.DataFrame, cfg: EvalConfig, text: TextInputs | None = None, progress: bool = False) -> dict:
+    """Every method's metrics on one task's steps (out of fold or on a held-out split, ``cfg.scoring``),
+    intervals by problem, paired differences against CRV, per-``n`` AUROC, the ablation, and the raw scores.
 
     With ``text`` (the traces and the reasoner) the PRM baselines are trained and scored too.
     """
-    train_idx, test_idx = split(table, cfg)
-    train, test = table.iloc[train_idx], table.iloc[test_idx]
-    y = test["faulty"].to_numpy()
-    scores, chosen = score_methods(train, test, cfg, text)
-    methods = {name: evaluate_scores(y, s, n_boot=cfg.n_boot, seed=cfg.seed).as_dict() for name, s in scores.items()}
+    scheme = make_scheme(table, cfg)
+    scored = table.iloc[scheme.scored].reset_index(drop=True)
+    y, problems = scored["faulty"].to_numpy(), scored["problem_id"].to_numpy()
+    scores, chosen = score_scheme(table, scheme, cfg, text, progress)
+    boot = ProblemBootstrap(y, problems, cfg.n_boot, cfg.seed)
+    methods = {name: method_metrics(y, s, boot) for name, s in scores.items()}
+    paired = {name: _paired(boot, s, scores["crv"]) for name, s in scores.items() if name != "crv"}
+    best_bb = max(BLACK_BOX, key=lambda m: methods[m]["auroc"])
+    vs_confidence = {"baseline": best_bb, **_paired(boot, scores["crv_plus_confidence"], scores[best_bb])}
     fp = column_groups(table)["fingerprint"]
     ablation = {}
     for family, cols in feature_families(_n_layers(table)).items():
         keep = [c for c in fp if c not in cols]
-        clf = fit_crv(train, keep, cfg)
-        ablation[f"without_{family}"] = auroc(y, clf.predict_proba(test[keep])[:, 1])
+        s = np.concatenate([fit_crv(table.iloc[tr], keep, cfg).predict_proba(table.iloc[te][keep])[:, 1]
+                            for tr, te in scheme.fits])
+        order = np.concatenate([te for _, te in scheme.fits])
+        ablation[f"without_{family}"] = auroc(table["faulty"].to_numpy()[order], s)
+    ms = [c.pop("ms_per_step", {}) for c in chosen]
     return {
         "n_steps": int(len(table)),
         "n_faulty": int(table["faulty"].sum()),
-        "n_test_steps": int(len(test)),
+        "n_problems": int(table["problem_id"].nunique()),
+        "n_test_steps": int(len(scored)),
         "n_test_faulty": int(y.sum()),
+        "scoring": scheme.kind,
+        "folds": len(scheme.fits) if scheme.kind == "out_of_fold" else None,
+        "ci_method": "problem_bootstrap",
+        "n_boot": int(len(boot.weights)),
         "methods": methods,
+        "paired_vs_crv": paired,
+        "crv_plus_confidence_vs_best_confidence": vs_confidence,
+        "per_n": per_n(scored, scores, cfg),
         "ablation_auroc": ablation,
-        "chosen_on_train": {k: v for k, v in chosen.items() if k != "ms_per_step"},
-        "ms_per_step": chosen.get("ms_per_step", {}),
-        "_curves": {"y": y, "scores": scores},
-        "_split": (train_idx, test_idx),
+        "chosen_on_train": merge_chosen(chosen),
+        "ms_per_step": {k: float(np.mean([m[k] for m in ms if k in m])) for k in dict.fromkeys(k for m in ms for k in m)},
+        "_curves": {"y": y, "scores": scores, "problems": problems},
+        "_scheme": scheme,
     }
 
 
-def transfer(tables: dict[str, pd.DataFrame], splits: dict[str, tuple[np.ndarray, np.ndarray]], cfg: EvalConfig) -> tuple[dict, dict]:
-    """CRV trained on one task's training split, tested on another's test split; and trained on both."""
+def transfer(tables: dict[str, pd.DataFrame], schemes: dict[str, Scheme], cfg: EvalConfig) -> tuple[dict, dict]:
+    """CRV trained on one task, scored on another's scored steps; and trained on both tasks' training rows
+    of each fit, scored on each task's test rows of that fit (same number of fits per task)."""
     pairs, both = {}, {}
     fp = column_groups(next(iter(tables.values())))["fingerprint"]
     for src, tsrc in tables.items():
-        clf = fit_crv(tsrc.iloc[splits[src][0]], fp, cfg)
+        clf = fit_crv(tsrc.iloc[schemes[src].fit_rows()], fp, cfg)
         for dst, tdst in tables.items():
             if dst != src:
-                test = tdst.iloc[splits[dst][1]]
+                test = tdst.iloc[schemes[dst].scored]
                 pairs[f"{src}->{dst}"] = auroc(test["faulty"].to_numpy(), clf.predict_proba(test[fp])[:, 1])
-    if len(tables) > 1:
-        joint = pd.concat([t.iloc[splits[k][0]] for k, t in tables.items()])
-        clf = fit_crv(joint, fp, cfg)
-        for k, t in tables.items():
-            test = t.iloc[splits[k][1]]
-            both[k] = auroc(test["faulty"].to_numpy(), clf.predict_proba(test[fp])[:, 1])
+    if len(tables) > 1 and len({len(s.fits) for s in schemes.values()}) == 1:
+        ys: dict[str, list] = {k: [] for k in tables}
+        ss: dict[str, list] = {k: [] for k in tables}
+        for i in range(len(next(iter(schemes.values())).fits)):
+            joint = pd.concat([t.iloc[schemes[k].fits[i][0]] for k, t in tables.items()])
+            clf = fit_crv(joint, fp, cfg)
+            for k, t in tables.items():
+                test = t.iloc[schemes[k].fits[i][1]]
+                ys[k].append(test["faulty"].to_numpy())
+                ss[k].append(clf.predict_proba(test[fp])[:, 1])
+        both = {k: auroc(np.concatenate(ys[k]), np.concatenate(ss[k])) for k in tables}
     return pairs, both
 
 
-def evaluate_table(table: pd.DataFrame, cfg: EvalConfig = EvalConfig(), text: TextInputs | None = None) -> dict:
+def evaluate_table(table: pd.DataFrame, cfg: EvalConfig = EvalConfig(), text: TextInputs | None = None,
+                   progress: bool = False) -> dict:
     """Results for every task in the step table (tasks without enough faulty steps are reported as skipped).
 
     ``text`` enables the baselines that read the traces (the PRMs).
     """
     out: dict = {"settings": asdict(cfg), "skipped": {}}
-    tables, splits = {}, {}
+    tables, schemes = {}, {}
     for task, t in table.groupby("task", sort=True):
         t = t.reset_index(drop=True)
         try:
-            res = evaluate_task(t, cfg, text)
+            res = evaluate_task(t, cfg, text, progress)
         except ValueError as e:
             out["skipped"][str(task)] = str(e)
             continue
-        splits[str(task)] = res.pop("_split")
+        schemes[str(task)] = res.pop("_scheme")
         tables[str(task)] = t
         out[str(task)] = res
-    pairs, both = transfer(tables, splits, cfg) if len(tables) > 1 else ({}, {})
+    pairs, both = transfer(tables, schemes, cfg) if len(tables) > 1 else ({}, {})
     out["transfer"] = pairs
     out["transfer_trained_on_both"] = both
+    return out
+
+
+def seed_spread(results: list[dict]) -> dict[str, dict]:
+    """Per task, each method's AUROC mean and standard deviation over evaluations of independent datasets
+    (one :func:`evaluate_table` result per seed; ``ddof=1``)."""
+    out: dict[str, dict] = {}
+    tasks = dict.fromkeys(t for r in results for t, v in r.items() if isinstance(v, dict) and "methods" in v)
+    for task in tasks:
+        runs = [r[task]["methods"] for r in results if task in r and isinstance(r[task], dict) and "methods" in r[task]]
+        names = dict.fromkeys(m for run in runs for m in run)
+        out[task] = {}
+        for m in names:
+            vals = [run[m]["auroc"] for run in runs if m in run]
+            out[task][m] = {"auroc_mean": float(np.mean(vals)), "auroc_sd": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0,
+                            "n_seeds": len(vals), "aurocs": [float(v) for v in vals]}
     return out
 
 
