@@ -146,7 +146,9 @@ def main() -> None:
                              extra_targets=extra, table=pooled)
     by_id = {r.problem_id: r for r in pooled_records}
     seed_cfg = cfg if args.seed_prm else EvalConfig(folds=args.folds, n_boot=args.n_boot, prm=None)
-    per_seed = [evaluate_table(tables[s], seed_cfg, TextInputs(att.model, att.encoder, by_id)) for s in tables]
+    # one evaluation per seed for the spread across datasets (with one seed, the pooled evaluation is that seed's)
+    per_seed = ([evaluate_table(tables[s], seed_cfg, TextInputs(att.model, att.encoder, by_id)) for s in tables]
+                if len(tables) > 1 else [results])
     spread = seed_spread(per_seed)
     results["seeds"] = spread
     results["files"] = {k: str(v) for k, v in write_report(results, args.run_dir, command).items()}

@@ -5,6 +5,9 @@ faulty steps); every method is trained ``k`` times, each time on the other folds
 step is scored by the one fit that never saw its problem. Metrics are then computed on all
 steps. Anything chosen from data (a probe's layer, a temperature, a PRM's layer) is chosen
 inside the training folds of that fit (:func:`crv.evaluate.methods.score_methods`).
+The fine-tuned PRM is trained once per fit; CRV + PRM's training rows carry the PRM scores of
+those outer fits (cross-fitted stacking), so neither the PRM nor the stacker that scores a step
+ever saw its problem, at ``k`` PRM trainings instead of ``k * (1 + inner folds)``.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 from tqdm.auto import tqdm
 
-from crv.evaluate.methods import EvalConfig, TextInputs, score_methods, split
+from crv.evaluate.methods import EvalConfig, TextInputs, fit_score_prm, score_methods, split
 
 
 @dataclass(frozen=True)
@@ -59,8 +62,16 @@ def score_scheme(table: pd.DataFrame, scheme: Scheme, cfg: EvalConfig, text: Tex
     where[scored] = np.arange(len(scored))
     out: dict[str, np.ndarray] = {}
     chosen: list[dict] = []
+    prm = None
+    if scheme.kind == "out_of_fold" and text is not None and cfg.prm is not None:
+        prm, prm_cost = out_of_fold_prm(table, scheme, cfg, text, progress)
     for train, test in tqdm(scheme.fits, desc="folds", disable=not progress or len(scheme.fits) == 1):
-        scores, c = score_methods(table.iloc[train], table.iloc[test], cfg, text)
+        scores, c = score_methods(table.iloc[train], table.iloc[test], cfg, text,
+                                  None if prm is None else (prm[train], prm[test]))
+        if prm is not None:
+            fit_cost = prm_cost.pop(0)
+            c["prm_train_seconds"] = fit_cost["prm_train_seconds"]
+            c["ms_per_step"] = {**fit_cost["ms_per_step"], **c.get("ms_per_step", {})}
         for name, values in scores.items():
             out.setdefault(name, np.full(len(scored), np.nan))[where[test]] = values
         chosen.append(c)
@@ -68,6 +79,18 @@ def score_scheme(table: pd.DataFrame, scheme: Scheme, cfg: EvalConfig, text: Tex
     if missing:
         raise RuntimeError(f"methods {missing} did not score every step in every fold")
     return out, chosen
+
+
+def out_of_fold_prm(table: pd.DataFrame, scheme: Scheme, cfg: EvalConfig, text: TextInputs,
+                    progress: bool = False) -> tuple[np.ndarray, list[dict]]:
+    """The fine-tuned PRM's score of every row from the fit that did not see its problem (one PRM per fit),
+    and each fit's training seconds and scoring cost."""
+    out = np.full(len(table), np.nan)
+    cost = []
+    for train, test in tqdm(scheme.fits, desc="PRM folds", disable=not progress):
+        out[test], seconds, ms = fit_score_prm(table.iloc[train], table.iloc[test], cfg, text)
+        cost.append({"prm_train_seconds": round(seconds, 2), "ms_per_step": {"prm_finetuned": ms}})
+    return out, cost
 
 
 def merge_chosen(chosen: list[dict]) -> dict:

@@ -157,24 +157,41 @@ def _aligned(values: pd.Series | pd.DataFrame, table: pd.DataFrame) -> np.ndarra
     return out.to_numpy()
 
 
+def fit_score_prm(train: pd.DataFrame, test: pd.DataFrame, cfg: EvalConfig, text: TextInputs) -> tuple[np.ndarray, float, float]:
+    """The fine-tuned PRM's scores of ``test``'s steps, trained on ``train``'s problems; seconds to train and
+    milliseconds per step to score."""
+    assert cfg.prm is not None
+    t0 = time.perf_counter()
+    prm = ProcessRewardModel(text.reasoner, text.encoder, cfg.prm).fit(text.of(train))
+    t1 = time.perf_counter()
+    scores = _aligned(prm.score(text.of(test)), test)
+    return scores, t1 - t0, 1000 * (time.perf_counter() - t1) / len(test)
+
+
 def score_prms(train: pd.DataFrame, test: pd.DataFrame, cfg: EvalConfig, text: TextInputs,
-               progress: bool = False) -> tuple[dict[str, np.ndarray], dict]:
-    """Test-set scores of the PRM baselines and of CRV + PRM, all trained on ``train``'s problems only."""
+               crossfit: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[dict[str, np.ndarray], dict]:
+    """Test-set scores of the PRM baselines and of CRV + PRM, all trained on ``train``'s problems only.
+
+    CRV + PRM is trained on the fingerprint plus a PRM score of each training step from a PRM that did
+    not see that step's problem: by default from ``cfg.prm.crossfit_folds`` PRMs fitted inside ``train``;
+    out of fold, ``crossfit`` passes the fine-tuned PRM's scores of ``train`` and ``test`` from the outer
+    fits instead (cross-fitted stacking: the PRM and the stacker that score a step never saw its problem).
+    """
     assert cfg.prm is not None
     train_recs, test_recs = text.of(train), text.of(test)
     scores: dict[str, np.ndarray] = {}
-    t0 = time.perf_counter()
-    prm = ProcessRewardModel(text.reasoner, text.encoder, cfg.prm).fit(train_recs, progress=progress)
-    t1 = time.perf_counter()
-    scores["prm_finetuned"] = _aligned(prm.score(test_recs), test)
+    chosen: dict = {"ms_per_step": {}}
+    if crossfit is None:
+        scores["prm_finetuned"], seconds, ms = fit_score_prm(train, test, cfg, text)
+        chosen["prm_train_seconds"] = round(seconds, 2)
+        chosen["ms_per_step"]["prm_finetuned"] = ms
+    else:
+        scores["prm_finetuned"] = crossfit[1]
     t2 = time.perf_counter()
     test_states = last_token_states(text.reasoner, text.encoder, test_recs)
-    t3 = time.perf_counter()
+    chosen["ms_per_step"]["prm_frozen"] = 1000 * (time.perf_counter() - t2) / len(test)
     states = pd.concat([last_token_states(text.reasoner, text.encoder, train_recs), test_states])
     layers = state_layers(states)
-    chosen: dict = {"prm_final_train_loss": round(prm.losses_[-1], 5), "prm_train_seconds": round(t1 - t0, 2),
-                    "ms_per_step": {"prm_finetuned": 1000 * (t2 - t1) / len(test),
-                                    "prm_frozen": 1000 * (t3 - t2) / len(test)}}
 
     def with_states(t: pd.DataFrame) -> pd.DataFrame:
         return pd.concat([t[KEYS].reset_index(drop=True),
@@ -182,11 +199,12 @@ def score_prms(train: pd.DataFrame, test: pd.DataFrame, cfg: EvalConfig, text: T
 
     scores["prm_frozen"], chosen["prm_frozen_layer"] = _probe(lr_probe, with_states(train), with_states(test), cfg, layers)
 
-    # CRV + PRM: the PRM score of a training step must come from a PRM that did not see it
-    oof = np.zeros(len(train))
-    for tr, va in _folds(train, cfg.prm.crossfit_folds, cfg.seed):
-        fold = ProcessRewardModel(text.reasoner, text.encoder, cfg.prm).fit(text.of(train.iloc[tr]))
-        oof[va] = _aligned(fold.score(text.of(train.iloc[va])), train.iloc[va])
+    if crossfit is None:
+        oof = np.zeros(len(train))
+        for tr, va in _folds(train, cfg.prm.crossfit_folds, cfg.seed):
+            oof[va] = fit_score_prm(train.iloc[tr], train.iloc[va], cfg, text)[0]
+    else:
+        oof = crossfit[0]
     fp = column_groups(train)["fingerprint"]
     both_train = train[fp].assign(prm_score=oof)
     both_test = test[fp].assign(prm_score=scores["prm_finetuned"])
@@ -197,11 +215,12 @@ def score_prms(train: pd.DataFrame, test: pd.DataFrame, cfg: EvalConfig, text: T
 
 
 def score_methods(train: pd.DataFrame, test: pd.DataFrame, cfg: EvalConfig,
-                  text: TextInputs | None = None) -> tuple[dict[str, np.ndarray], dict]:
+                  text: TextInputs | None = None,
+                  prm_crossfit: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[dict[str, np.ndarray], dict]:
     """Test-set scores of every method, plus what was chosen on the training split.
 
     The PRM baselines (and CRV + PRM) need the traces' text: they run when ``text`` is given
-    and ``cfg.prm`` is set.
+    and ``cfg.prm`` is set (``prm_crossfit``: see :func:`score_prms`).
     """
     groups = column_groups(train)
     y = train["faulty"].to_numpy()
@@ -234,7 +253,7 @@ def score_methods(train: pd.DataFrame, test: pd.DataFrame, cfg: EvalConfig,
         scores[f"crv_{target}"] = clf.predict_proba(test[groups[group]])[:, 1]
         chosen[f"crv_{target}_top_features"] = clf.feature_importances().head(10).round(4).to_dict()
     if text is not None and cfg.prm is not None:
-        prm_scores, prm_chosen = score_prms(train, test, cfg, text)
+        prm_scores, prm_chosen = score_prms(train, test, cfg, text, prm_crossfit)
         scores.update(prm_scores)
         chosen.update(prm_chosen)
     return scores, chosen
