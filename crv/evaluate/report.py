@@ -137,17 +137,20 @@ def summary_png(results: dict) -> bytes:
         ax.title.set_fontsize(9)
         ax = axes[row, 1]
         pn = results[t].get("per_n", {})
-        ns = [int(n) for n in pn]
+        ns = [int(n) for n in pn if n.lstrip("-").isdigit()]
         for m in names:
             vals = [pn[str(n)]["methods"].get(m, {}).get("auroc") for n in ns]
             vals = [float("nan") if v is None else 100 * v for v in vals]
             hl = m == "crv"
             ax.plot(ns, vals, marker="o", lw=2.5 if hl else 0.9, color="crimson" if hl else None,
                     alpha=1.0 if hl or m.startswith("crv") or m in ("maxprob", "prm_finetuned") else 0.45, label=m)
+        if not ns:
+            ax.text(0.5, 0.5, "no difficulty n in this dataset", ha="center", va="center", transform=ax.transAxes)
         ax.set_xticks(ns)
         ax.set(title=f"{t}: AUROC per difficulty n", xlabel="n (operators)", ylabel="AUROC (%)")
         ax.title.set_fontsize(9)
-        ax.legend(fontsize=6, ncol=2)
+        if ns:
+            ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)

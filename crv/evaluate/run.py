@@ -31,12 +31,14 @@ def method_metrics(y: np.ndarray, score: np.ndarray, boot: ProblemBootstrap) -> 
 def per_n(scored: pd.DataFrame, scores: dict[str, np.ndarray], cfg: EvalConfig) -> dict:
     """Each method's AUROC (with its problem-bootstrap interval) on the steps of each difficulty ``n``.
 
-    AUROC is ``None`` where the steps of that ``n`` are all correct or all faulty.
+    AUROC is ``None`` where the steps of that ``n`` are all correct or all faulty; steps without an
+    ``n`` (free-form tasks) are reported under ``"None"``.
     """
     out = {}
     n_values = scored["n"].to_numpy()
-    for n in sorted(set(n_values.tolist())):
-        m = n_values == n
+    nan = pd.isna(scored["n"]).to_numpy()
+    for n in sorted({int(v) for v in n_values[~nan]}) + ([None] if nan.any() else []):
+        m = nan if n is None else (~nan & (n_values == n))
         y = scored["faulty"].to_numpy()[m]
         row: dict = {"n_steps": int(m.sum()), "n_faulty": int(y.sum()), "methods": {}}
         both = 0 < y.sum() < len(y)
