@@ -116,26 +116,30 @@ def main() -> None:
     for seed in args.seeds:
         d = args.run_dir / f"seed-{seed}"
         d.mkdir(parents=True, exist_ok=True)
+        if args.evaluate_only and not all((d / f"{t}-records.jsonl").is_file() for t in tasks):
+            print(f"seed {seed}: not generated yet, left out", flush=True)
+            continue
         recs = {t: seed_records(att, t, c, seed, d / f"{t}-records.jsonl") for t, c in tasks.items()}
         print(f"seed {seed}: " + ", ".join(f"{t} {len(r)} traces" for t, r in recs.items()), flush=True)
-        records[seed] = [r for t in tasks for r in recs[t]]
-        if args.evaluate_only:
-            done = [complete_table(recs[t], d / f"{t}.parquet") for t in tasks]
-            if any(t is None for t in done):
-                print(f"seed {seed}: step tables not complete, left out", flush=True)
+        if args.evaluate_only:  # each task's table of this seed if complete
+            done = {t: complete_table(recs[t], d / f"{t}.parquet") for t in tasks}
+            for t in [t for t, v in done.items() if v is None]:
+                print(f"seed {seed}: {t} step table not complete, left out", flush=True)
+            done = {t: v for t, v in done.items() if v is not None}
+            if not done:
                 continue
-            tables[seed] = pd.concat(done, ignore_index=True)
         else:
-            tables[seed] = pd.concat([seed_table(att, recs[t], d / f"{t}.parquet", args.graph_dir, extra) for t in tasks],
-                                     ignore_index=True)
-        print(f"seed {seed}: step tables complete ({len(tables[seed])} steps, {int(tables[seed]['faulty'].sum())} faulty)",
-              flush=True)
+            done = {t: seed_table(att, recs[t], d / f"{t}.parquet", args.graph_dir, extra) for t in tasks}
+        records[seed] = [r for t in done for r in recs[t]]
+        tables[seed] = pd.concat(list(done.values()), ignore_index=True)
+        print(f"seed {seed}: step tables complete for {', '.join(done)} ({len(tables[seed])} steps, "
+              f"{int(tables[seed]['faulty'].sum())} faulty)", flush=True)
     build_seconds = time.time() - start
     if args.build_only:
         print(f"built in {build_seconds:.0f} s")
         return
     if not tables:
-        raise SystemExit("no seed's step tables are complete: run without --evaluate-only first")
+        raise SystemExit("no step table is complete: run without --evaluate-only first")
 
     prm = PRMConfig(epochs=args.prm_epochs) if args.prm_epochs > 0 else None
     cfg = EvalConfig(folds=args.folds, n_boot=args.n_boot, prm=prm)
@@ -160,7 +164,7 @@ def main() -> None:
     for task in tasks:
         r = results.get(task)
         if r is None:
-            out[task] = {"skipped": results["skipped"].get(task, "no steps")}
+            out[task] = {"skipped": results["skipped"].get(task, "its step tables are not complete yet (build still running)")}
             continue
         out[task] = {k: r[k] for k in KEEP if k in r}
         out[task]["seeds"] = spread.get(task, {})
