@@ -138,16 +138,21 @@ def summary_png(results: dict) -> bytes:
         ax = axes[row, 1]
         pn = results[t].get("per_n", {})
         ns = [int(n) for n in pn if n.lstrip("-").isdigit()]
+        palette = plt.get_cmap("tab20").colors
+        others = [m for m in names if m != "crv"]
         for m in names:
             vals = [pn[str(n)]["methods"].get(m, {}).get("auroc") for n in ns]
             vals = [float("nan") if v is None else 100 * v for v in vals]
             hl = m == "crv"
-            ax.plot(ns, vals, marker="o", lw=2.5 if hl else 0.9, color="crimson" if hl else None,
-                    alpha=1.0 if hl or m.startswith("crv") or m in ("maxprob", "prm_finetuned") else 0.45, label=m)
+            color = "crimson" if hl else palette[(2 * others.index(m) + others.index(m) // 10) % 20]
+            ax.plot(ns, vals, marker="o", lw=2.5 if hl else 1.0, color=color, zorder=3 if hl else 2,
+                    ls="-" if hl or m.startswith("crv") else "--", alpha=1.0 if hl else 0.7, label=m)
         if not ns:
             ax.text(0.5, 0.5, "no difficulty n in this dataset", ha="center", va="center", transform=ax.transAxes)
         ax.set_xticks(ns)
-        ax.set(title=f"{t}: AUROC per difficulty n", xlabel="n (operators)", ylabel="AUROC (%)")
+        few = [n for n in ns if pn[str(n)]["n_faulty"] < 5]
+        ax.set(title=f"{t}: AUROC per difficulty n" + (f" (n={', '.join(map(str, few))}: < 5 faulty steps)" if few else ""),
+               xlabel="n (operators)", ylabel="AUROC (%)")
         ax.title.set_fontsize(9)
         if ns:
             ax.legend(fontsize=6, ncol=2)
