@@ -24,6 +24,7 @@ import shlex
 import shutil
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import pandas as pd
@@ -56,13 +57,30 @@ def counts(spec: list[str]) -> dict[int, int]:
 
 
 def seed_records(att: Attributor, task: str, per_n: dict[int, int], seed: int, path: Path) -> list[Record]:
-    """The seed's solved and labelled problems of one task (generated once, then read back)."""
-    if path.is_file():
-        return read_records(path)
-    problems = [p for n, c in per_n.items() for p in generate_problems(task, n, c, seed=seed)]
-    records = generate_records(att.model, att.encoder, problems)
-    write_records(records, path)
-    return records
+    """The seed's solved and labelled problems of one task: the first ``count`` problems of each n.
+
+    Problems come in a fixed order per (task, n, seed), so a file written with smaller counts is
+    extended (only the new problems are solved and appended) and one written with larger counts
+    is read in part; a file whose problems are not this seed's is an error, never mixed in.
+    """
+    stored = read_records(path) if path.is_file() else []
+    by_n: dict[int | None, list[Record]] = defaultdict(list)
+    for r in stored:
+        by_n[r.n].append(r)
+    missing = []
+    for n, c in per_n.items():
+        problems = generate_problems(task, n, max(c, len(by_n[n])), seed=seed)
+        have = [r.problem_id for r in by_n[n]]
+        if have != [p.problem_id for p in problems[: len(have)]]:
+            raise SystemExit(f"{path} does not hold the {task} problems of seed {seed} at n={n} in order; "
+                             "move it away to generate them afresh")
+        missing += problems[len(have):c]
+    if missing:
+        new = generate_records(att.model, att.encoder, missing)
+        write_records(stored + new, path)
+        for r in new:
+            by_n[r.n].append(r)
+    return [r for n, c in per_n.items() for r in by_n[n][:c]]
 
 
 def complete_table(records: list[Record], path: Path) -> pd.DataFrame | None:
@@ -89,7 +107,7 @@ def seed_table(att: Attributor, records: list[Record], path: Path, graph_dir: Pa
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arith", nargs="+", default=["3=40", "5=60", "7=400", "10=600"], help="arithmetic problems per n, per seed")
-    ap.add_argument("--bool", nargs="+", default=["3=20", "5=20", "7=40", "10=330"], help="boolean problems per n, per seed")
+    ap.add_argument("--bool", nargs="+", default=["3=20", "5=20", "7=40", "10=400"], help="boolean problems per n, per seed")
     ap.add_argument("--seeds", type=int, nargs="+", default=[2027, 2028, 2029], help="one fresh dataset per seed")
     ap.add_argument("--max-feature-nodes", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=2)
