@@ -88,9 +88,14 @@ def markdown_table(results: dict) -> str:
     seeds = results.get("seeds")
     if seeds:
         for t in tasks:
-            if t in seeds:
-                lines += ["", f"Across datasets ({t}, one evaluation per seed): AUROC mean ± sd: "
-                          + ", ".join(f"{m} {100 * v['auroc_mean']:.1f} ± {100 * v['auroc_sd']:.1f}" for m, v in seeds[t].items())]
+            if t not in seeds or not seeds[t]:
+                continue
+            k = max(v.get("n_seeds", 1) for v in seeds[t].values())
+            if k < 2:
+                lines += ["", f"Across datasets ({t}): one seed's dataset only, so no spread across seeds yet."]
+                continue
+            lines += ["", f"Across datasets ({t}, one evaluation per seed, {k} seeds): AUROC mean ± sd: "
+                      + ", ".join(f"{m} {100 * v['auroc_mean']:.1f} ± {100 * v['auroc_sd']:.1f}" for m, v in seeds[t].items())]
     lines.append("")
     if results.get("transfer"):
         lines.append("Transfer (CRV AUROC): " + ", ".join(f"{k} {100 * v:.1f}" for k, v in results["transfer"].items())
