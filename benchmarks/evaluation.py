@@ -2,6 +2,12 @@
 
     python benchmarks/evaluation.py                      # build what is missing, then evaluate
     python benchmarks/evaluation.py --build-only         # graphs and step tables only (resumable)
+    python benchmarks/evaluation.py --records-only       # solve and label the problems only
+
+Several processes (or machines sharing the graph store) build one seed's graphs together with
+``--shard I/N`` (each computes every N-th trace from the I-th and stores it); a final
+``--build-only`` then assembles the step tables from the store. ``--device cuda`` puts the model,
+the transcoders and the engine on a GPU.
 
 Three datasets of fresh problems (one per ``--seeds`` value; counts per n below, weighted to
 n = 7 and 10 where the shipped reasoner errs most), solved greedily by the shipped reasoner
@@ -54,6 +60,17 @@ def counts(spec: list[str]) -> dict[int, int]:
         return {int(k): int(v) for k, v in (s.split("=") for s in spec)}
     except ValueError:
         raise SystemExit(f"counts are n=count pairs such as 7=400, not {spec}") from None
+
+
+def shard(spec: str) -> tuple[int, int]:
+    """``"3/8"`` -> ``(3, 8)``: the 4th of 8 shards."""
+    try:
+        i, n = (int(x) for x in spec.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a shard is I/N such as 0/8, not {spec!r}") from None
+    if not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"shard {spec}: I must be in 0..N-1")
+    return i, n
 
 
 def seed_records(att: Attributor, task: str, per_n: dict[int, int], seed: int, path: Path) -> list[Record]:
@@ -119,13 +136,19 @@ def main() -> None:
     ap.add_argument("--run-dir", type=Path, default=Path("runs/benchmark-evaluation"))
     ap.add_argument("--graph-dir", type=Path, default=Path("graphs/benchmark-evaluation"))
     ap.add_argument("--build-only", action="store_true", help="build the records, graphs and step tables, then stop")
+    ap.add_argument("--records-only", action="store_true", help="solve and label the problems, then stop")
+    ap.add_argument("--shard", type=shard, default=None, metavar="I/N",
+                    help="store the graphs of every N-th trace from the I-th (0-based) and stop; no step table")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     ap.add_argument("--evaluate-only", action="store_true",
                     help="build nothing: evaluate the seeds whose step tables are complete (an unfinished build's progress)")
     args = ap.parse_args()
+    if sum([args.build_only, args.records_only, args.evaluate_only, args.shard is not None]) > 1:
+        ap.error("--build-only, --records-only, --evaluate-only and --shard are exclusive")
     torch.set_num_threads(args.threads)
     command = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/evaluation.py", *sys.argv[1:]])
     extra = tuple(args.extra_target)
-    att = Attributor.load(config=AttributionConfig(max_feature_nodes=args.max_feature_nodes or None))
+    att = Attributor.load(config=AttributionConfig(max_feature_nodes=args.max_feature_nodes or None), device=args.device)
     tasks = {"arith": counts(args.arith), "bool": counts(args.bool)}
 
     start = time.time()
@@ -134,11 +157,20 @@ def main() -> None:
     for seed in args.seeds:
         d = args.run_dir / f"seed-{seed}"
         d.mkdir(parents=True, exist_ok=True)
+        if args.shard is not None and not all((d / f"{t}-records.jsonl").is_file() for t in tasks):
+            raise SystemExit(f"seed {seed} has no records yet: run --records-only first (shards never generate them)")
         if args.evaluate_only and not all((d / f"{t}-records.jsonl").is_file() for t in tasks):
             print(f"seed {seed}: not generated yet, left out", flush=True)
             continue
         recs = {t: seed_records(att, t, c, seed, d / f"{t}-records.jsonl") for t, c in tasks.items()}
         print(f"seed {seed}: " + ", ".join(f"{t} {len(r)} traces" for t, r in recs.items()), flush=True)
+        if args.records_only:
+            continue
+        if args.shard is not None:
+            i, n = args.shard
+            for t in tasks:
+                build_step_table(att, [r for r in recs[t] if r.steps][i::n], args.graph_dir, extra_targets=extra)
+            continue
         if args.evaluate_only:  # each task's table of this seed if complete
             done = {t: complete_table(recs[t], d / f"{t}.parquet") for t in tasks}
             for t in [t for t, v in done.items() if v is None]:
@@ -153,7 +185,7 @@ def main() -> None:
         print(f"seed {seed}: step tables complete for {', '.join(done)} ({len(tables[seed])} steps, "
               f"{int(tables[seed]['faulty'].sum())} faulty)", flush=True)
     build_seconds = time.time() - start
-    if args.build_only:
+    if args.build_only or args.records_only or args.shard is not None:
         print(f"built in {build_seconds:.0f} s")
         return
     if not tables:

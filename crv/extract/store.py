@@ -17,6 +17,7 @@ runs that wrote to the store.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -131,15 +132,18 @@ class TraceStore:
         """Append this run to ``manifest.json`` (settings, versions, counts)."""
         self.root.mkdir(parents=True, exist_ok=True)
         path = self.root / "manifest.json"
-        try:
-            manifest = json.loads(path.read_text()) if path.is_file() else {"runs": []}
-        except ValueError:
-            manifest = {"runs": []}
         versions = {p: version(p) for p in ("crv", "torch", "transformers", "networkx", "xgboost-cpu") if _installed(p)}
-        manifest["runs"].append({"settings": settings, "versions": {**versions, "python": platform.python_version()},
-                                 "traces": n_traces, "computed": computed, "reused": n_traces - computed,
-                                 "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-        _atomic_write_text(path, json.dumps(manifest, indent=1))
+        run = {"settings": settings, "versions": {**versions, "python": platform.python_version()},
+               "traces": n_traces, "computed": computed, "reused": n_traces - computed,
+               "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        with open(self.root / "manifest.lock", "w") as lock:  # processes sharing the store append in turn
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                manifest = json.loads(path.read_text()) if path.is_file() else {"runs": []}
+            except ValueError:
+                manifest = {"runs": []}
+            manifest["runs"].append(run)
+            _atomic_write_text(path, json.dumps(manifest, indent=1))
 
 
 def _installed(dist: str) -> bool:
