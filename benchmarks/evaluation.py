@@ -3,6 +3,7 @@
     python benchmarks/evaluation.py                      # build what is missing, then evaluate
     python benchmarks/evaluation.py --build-only         # graphs and step tables only (resumable)
     python benchmarks/evaluation.py --records-only       # solve and label the problems only
+    python benchmarks/evaluation.py --archive-only       # graph store -> committed fingerprint archives
 
 Several processes (or machines sharing the graph store) build one seed's graphs together with
 ``--shard I/N`` (each computes every N-th trace from the I-th and stores it); a final
@@ -12,9 +13,14 @@ the transcoders and the engine on a GPU.
 Three datasets of fresh problems (one per ``--seeds`` value; counts per n below, weighted to
 n = 7 and 10 where the shipped reasoner errs most), solved greedily by the shipped reasoner
 and labelled; one attribution graph per step (at its last token and at its least confident
-token), stored as computed in ``graphs/benchmark-evaluation/`` so that a run may span sessions;
-each seed's step table goes to ``runs/benchmark-evaluation/seed-<s>/<task>.parquet`` once
-complete. Then every method is scored out of fold (5 folds over problems) on the pooled
+token), stored as computed in ``graphs/benchmark-evaluation/``; each seed's step table goes to
+``runs/benchmark-evaluation/seed-<s>/<task>.parquet`` once complete.
+
+A run may span sessions and machines: the records and the fingerprints of every trace built so
+far (``--archive-only``, a few MB) are kept in ``benchmarks/data/evaluation/seed-<s>/``, which is
+committed, while the graph store is not. A later build computes graphs only for the traces the
+archives lack; the other columns of the archived traces (black-box scores, transcoder
+statistics, hidden states) come from one forward pass each (:mod:`crv.extract.archive`). Then every method is scored out of fold (5 folds over problems) on the pooled
 datasets of the seeds whose tables are complete, with intervals by problem and paired
 differences to CRV, and once per seed for the spread across datasets.
 
@@ -43,7 +49,7 @@ from crv.evaluate.pipeline import run_evaluation
 from crv.evaluate.prm import PRMConfig
 from crv.evaluate.report import markdown_table, write_report
 from crv.evaluate.run import evaluate_table, seed_spread
-from crv.extract import build_step_table
+from crv.extract import archive_fingerprints, build_step_table
 from crv.reasoner.generate import generate_records
 from crv.tasks.cot import generate_problems
 from crv.tasks.schema import Record, read_records, write_records
@@ -109,12 +115,15 @@ def complete_table(records: list[Record], path: Path) -> pd.DataFrame | None:
     return None
 
 
-def seed_table(att: Attributor, records: list[Record], path: Path, graph_dir: Path, extra: tuple[str, ...]) -> pd.DataFrame:
-    """The step table of one seed's task: read back when complete, else built (resuming from the graph store)."""
+def seed_table(att: Attributor, records: list[Record], path: Path, graph_dir: Path, extra: tuple[str, ...],
+               archive: Path) -> pd.DataFrame:
+    """The step table of one seed's task: read back when complete, else built (resuming from the graph store,
+    graphs only for traces the fingerprint archive lacks), and its fingerprints archived."""
     table = complete_table(records, path)
     if table is not None:
         return table
-    table = build_step_table(att, records, graph_dir, extra_targets=extra)
+    table = build_step_table(att, records, graph_dir, extra_targets=extra, archive=archive)
+    archive_fingerprints(att, records, graph_dir, archive, extra_targets=extra)
     tmp = path.with_suffix(".tmp")
     table.to_parquet(tmp, index=False)
     tmp.replace(path)
@@ -135,6 +144,11 @@ def main() -> None:
     ap.add_argument("--extra-target", nargs="*", default=["uncertain"], help="also CRV on graphs at these step targets")
     ap.add_argument("--run-dir", type=Path, default=Path("runs/benchmark-evaluation"))
     ap.add_argument("--graph-dir", type=Path, default=Path("graphs/benchmark-evaluation"))
+    ap.add_argument("--data-dir", type=Path, default=Path(__file__).parent / "data" / "evaluation",
+                    help="records and fingerprint archives per seed (committed: a later session rebuilds the tables "
+                         "from them with forward passes only)")
+    ap.add_argument("--archive-only", action="store_true",
+                    help="add the graph store's fingerprints to the archives (while shards run, or before a session ends)")
     ap.add_argument("--build-only", action="store_true", help="build the records, graphs and step tables, then stop")
     ap.add_argument("--records-only", action="store_true", help="solve and label the problems, then stop")
     ap.add_argument("--shard", type=shard, default=None, metavar="I/N",
@@ -143,8 +157,8 @@ def main() -> None:
     ap.add_argument("--evaluate-only", action="store_true",
                     help="build nothing: evaluate the seeds whose step tables are complete (an unfinished build's progress)")
     args = ap.parse_args()
-    if sum([args.build_only, args.records_only, args.evaluate_only, args.shard is not None]) > 1:
-        ap.error("--build-only, --records-only, --evaluate-only and --shard are exclusive")
+    if sum([args.build_only, args.records_only, args.evaluate_only, args.archive_only, args.shard is not None]) > 1:
+        ap.error("--build-only, --records-only, --evaluate-only, --archive-only and --shard are exclusive")
     torch.set_num_threads(args.threads)
     command = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/evaluation.py", *sys.argv[1:]])
     extra = tuple(args.extra_target)
@@ -155,16 +169,23 @@ def main() -> None:
     records: dict[int, list[Record]] = {}
     tables: dict[int, pd.DataFrame] = {}
     for seed in args.seeds:
-        d = args.run_dir / f"seed-{seed}"
+        d, data = args.run_dir / f"seed-{seed}", args.data_dir / f"seed-{seed}"
         d.mkdir(parents=True, exist_ok=True)
-        if args.shard is not None and not all((d / f"{t}-records.jsonl").is_file() for t in tasks):
+        data.mkdir(parents=True, exist_ok=True)
+        if args.shard is not None and not all((data / f"{t}-records.jsonl").is_file() for t in tasks):
             raise SystemExit(f"seed {seed} has no records yet: run --records-only first (shards never generate them)")
-        if args.evaluate_only and not all((d / f"{t}-records.jsonl").is_file() for t in tasks):
+        if (args.evaluate_only or args.archive_only) and not all((data / f"{t}-records.jsonl").is_file() for t in tasks):
             print(f"seed {seed}: not generated yet, left out", flush=True)
             continue
-        recs = {t: seed_records(att, t, c, seed, d / f"{t}-records.jsonl") for t, c in tasks.items()}
+        recs = {t: seed_records(att, t, c, seed, data / f"{t}-records.jsonl") for t, c in tasks.items()}
         print(f"seed {seed}: " + ", ".join(f"{t} {len(r)} traces" for t, r in recs.items()), flush=True)
         if args.records_only:
+            continue
+        if args.archive_only:
+            for t in tasks:
+                held, total = archive_fingerprints(att, recs[t], args.graph_dir, data / f"{t}-fingerprints.parquet",
+                                                   extra_targets=extra)
+                print(f"seed {seed}: {t} archive holds {held} of {total} traces", flush=True)
             continue
         if args.shard is not None:
             i, n = args.shard
@@ -179,13 +200,14 @@ def main() -> None:
             if not done:
                 continue
         else:
-            done = {t: seed_table(att, recs[t], d / f"{t}.parquet", args.graph_dir, extra) for t in tasks}
+            done = {t: seed_table(att, recs[t], d / f"{t}.parquet", args.graph_dir, extra, data / f"{t}-fingerprints.parquet")
+                    for t in tasks}
         records[seed] = [r for t in done for r in recs[t]]
         tables[seed] = pd.concat(list(done.values()), ignore_index=True)
         print(f"seed {seed}: step tables complete for {', '.join(done)} ({len(tables[seed])} steps, "
               f"{int(tables[seed]['faulty'].sum())} faulty)", flush=True)
     build_seconds = time.time() - start
-    if args.build_only or args.records_only or args.shard is not None:
+    if args.build_only or args.records_only or args.archive_only or args.shard is not None:
         print(f"built in {build_seconds:.0f} s")
         return
     if not tables:

@@ -103,3 +103,60 @@ def test_ray_executor_matches_local_and_resumes(att, records, clean, tmp_path):
     pd.testing.assert_frame_equal(table, clean, check_exact=False, rtol=1e-5, atol=1e-7)
     assert len(TraceStore(tmp_path).keys()) == len(records)
     assert not [p for p in tmp_path.rglob("*.tmp*")]
+
+
+def test_archive_rebuilds_the_table_without_graphs(att, records, tmp_path, monkeypatch):
+    from crv.attribution.engine import TraceAttribution
+    from crv.evaluate.steps import column_groups
+    from crv.extract import FingerprintArchive, archive_fingerprints, trace_keys
+
+    extra = ("uncertain",)
+    store, path = tmp_path / "store", tmp_path / "data" / "fingerprints.parquet"
+    # a partial build: two traces stored, archived; the archive holds just those
+    with pytest.raises(InjectedFailure):
+        build_step_table(att, records, store, progress=False, extra_targets=extra,
+                         executor=LocalExecutor(progress=False, fail_after=2))
+    assert archive_fingerprints(att, records, store, path, extra_targets=extra) == (2, len(records))
+    reference = build_step_table(att, records, store, progress=False, extra_targets=extra)
+    assert archive_fingerprints(att, records, store, path, extra_targets=extra) == (len(records), len(records))
+    archive = FingerprintArchive(path)
+    keys = trace_keys(att, records, extra_targets=extra)
+    assert sorted(archive.keys()) == sorted(keys)
+    groups = column_groups(reference)
+    assert archive.columns == groups["fingerprint"] + groups["fingerprint:uncertain"]  # fingerprints only, both targets
+
+    # a fresh store, from the archive: the same table, and not one graph computed
+    def no_graphs(*a, **k):
+        raise AssertionError("a graph was computed for an archived trace")
+
+    monkeypatch.setattr(TraceAttribution, "graph", no_graphs)
+    table = build_step_table(att, records, tmp_path / "fresh", progress=False, extra_targets=extra, archive=path,
+                             executor=LocalExecutor(fail_after=0))
+    pd.testing.assert_frame_equal(table, reference)
+    assert TraceStore(tmp_path / "fresh").get(keys[0]).summaries == {}  # stored, without graphs
+    monkeypatch.undo()
+
+    # other settings (other step targets): the archive does not match, those traces are computed, never mixed in
+    with pytest.raises(InjectedFailure):
+        build_step_table(att, records, tmp_path / "other", progress=False, archive=path, executor=LocalExecutor(fail_after=0))
+    # half an archive: the rest is computed, the table is the same
+    half = FingerprintArchive(tmp_path / "half.parquet")
+    assert half.add({k: TraceStore(store).get(k).rows for k in keys[::2]}) == len(keys[::2])
+    mixed = build_step_table(att, records, tmp_path / "mixed", progress=False, extra_targets=extra, archive=half)
+    pd.testing.assert_frame_equal(mixed, reference)
+
+
+def test_archive_refuses_mixed_settings_and_damaged_files(att, records, clean, tmp_path):
+    from crv.extract import FingerprintArchive
+
+    path = tmp_path / "a.parquet"
+    archive = FingerprintArchive(path)
+    first = clean[clean["problem_id"] == records[0].problem_id]
+    archive.add({"k0": first})
+    with pytest.raises(ValueError, match="one archive per extraction setting"):
+        archive.add({"k1": first.drop(columns=["density"])})
+    with pytest.raises(ValueError, match="damaged"):
+        FingerprintArchive(path).get("k0", len(records[0].steps) + 1)
+    pd.DataFrame({"x": [1]}).to_parquet(tmp_path / "b.parquet")
+    with pytest.raises(ValueError, match="not a fingerprint archive"):
+        FingerprintArchive(tmp_path / "b.parquet")

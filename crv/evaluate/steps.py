@@ -40,6 +40,7 @@ KEYS = ["problem_id", "task", "n", "step_index", "faulty"]
 
 def black_box(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
     """Scores of one step from the distributions that predicted its tokens (``logits [k, V]``, ``targets [k]``)."""
+    targets = targets.to(logits.device)
     logp = torch.log_softmax(logits.double(), -1)
     p = logp.exp()
     out = {
@@ -69,17 +70,22 @@ def transcoder_stats(layer: torch.Tensor, pos: torch.Tensor, feat: torch.Tensor,
     return out
 
 
-def trace_entry(att: Attributor, record: Record, target: str = "last",
-                extra_targets: tuple[str, ...] = ()) -> tuple[list[dict], dict[str, list[GraphSummary]]]:
+def trace_entry(att: Attributor, record: Record, target: str = "last", extra_targets: tuple[str, ...] = (),
+                fingerprints: list[dict] | None = None) -> tuple[list[dict], dict[str, list[GraphSummary]]]:
     """All step rows of one record, and its steps' pruned graphs per step target (one forward pass).
 
     The fingerprint of the graph at ``target`` is unprefixed; those at ``extra_targets``
-    (from the same forward pass and row cache) are prefixed ``"<target>:"``.
+    (from the same forward pass and row cache) are prefixed ``"<target>:"``. With ``fingerprints``
+    (each step's fingerprint columns, as a :class:`~crv.extract.archive.FingerprintArchive` holds them)
+    no graph is computed: the rows take those values and no graphs are returned.
     """
     tr, enc = att.trace_record(record)
     targets = [target] + [t for t in dict.fromkeys(extra_targets) if t != target]
-    summaries = {t: [summarize(tr.graph(pos=step_position(enc, k, t, tr.cap.logits), step_index=k))
-                     for k in range(len(record.steps))] for t in targets}
+    if fingerprints is not None and len(fingerprints) != len(record.steps):
+        raise ValueError(f"{len(fingerprints)} fingerprints for the {len(record.steps)} steps of {record.problem_id}")
+    summaries = {} if fingerprints is not None else {
+        t: [summarize(tr.graph(pos=step_position(enc, k, t, tr.cap.logits), step_index=k)) for k in range(len(record.steps))]
+        for t in targets}
     ids, logits = tr.cap.ids, tr.cap.logits
     with torch.no_grad():
         hidden = att.model(input_ids=ids[None].to(att.model.device), output_hidden_states=True).hidden_states
@@ -90,9 +96,12 @@ def trace_entry(att: Attributor, record: Record, target: str = "last",
         lo, hi = enc.spans[k][0], enc.last(k)  # token positions of the step (first and last)
         row: dict = {"problem_id": record.problem_id, "task": record.task, "n": record.n, "step_index": k,
                      "faulty": int(record.labels[k] == 0)}
-        row.update(fingerprint_summary(summaries[target][k]))
-        for t in targets[1:]:
-            row.update({f"{t}:{name}": v for name, v in fingerprint_summary(summaries[t][k]).items()})
+        if fingerprints is not None:
+            row.update(fingerprints[k])
+        else:
+            row.update(fingerprint_summary(summaries[target][k]))
+            for t in targets[1:]:
+                row.update({f"{t}:{name}": v for name, v in fingerprint_summary(summaries[t][k]).items()})
         row.update(black_box(logits[max(lo - 1, 0) : hi], ids[max(lo, 1) : hi + 1]))
         row.update(transcoder_stats(feats.layer, feats.pos, feats.feat, feats.act, lo, hi, tr.lin.n_layers))
         for l, h in enumerate(hidden):

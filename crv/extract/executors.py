@@ -34,11 +34,11 @@ class InjectedFailure(RuntimeError):
     """Raised by a worker on purpose (``fail_after``): how tests simulate a run killed midway."""
 
 
-def compute_entry(att: Attributor, record: Record, spec: ExtractSpec) -> Entry:
-    """The store entry of one trace."""
+def compute_entry(att: Attributor, record: Record, spec: ExtractSpec, fingerprints: list[dict] | None = None) -> Entry:
+    """The store entry of one trace (with archived ``fingerprints``: no graphs, see :mod:`crv.extract.archive`)."""
     import pandas as pd
 
-    rows, summaries = trace_entry(att, record, spec.target, spec.extra_targets)
+    rows, summaries = trace_entry(att, record, spec.target, spec.extra_targets, fingerprints)
     return Entry(pd.DataFrame(rows), summaries)
 
 
