@@ -332,6 +332,8 @@ def evaluate_cmd(
     seed: int = typer.Option(11, help="Problem seed (without --data)."),
     run_dir: Path = typer.Option(Path("runs/evaluate"), help="Report, step table and classifiers go here."),
     graph_dir: Optional[Path] = typer.Option(None, help="Graph cache (default: graphs/<run-dir name>)."),
+    archive: Optional[Path] = typer.Option(None, help="Fingerprint archive (.parquet): traces it holds need no graphs; "
+                                                      "this run's fingerprints are added to it (small enough to keep or commit)."),
     model: Optional[Path] = typer.Option(None, help="Model directory (default: the shipped reasoner; `crv import-model` makes one from GGUF / HF)."),
     prompt_format: Optional[str] = typer.Option(None, help="Prompt format: plain or chat (default: the model's own)."),
     transcoders: Optional[Path] = typer.Option(None, help="Transcoder directory (default: the shipped set)."),
@@ -392,7 +394,7 @@ def evaluate_cmd(
         write_records(records, run_dir / "records.jsonl")
     results = run_evaluation(records, att, run_dir, graph_dir or Path("graphs") / run_dir.name,
                              eval_config, command="crv " + " ".join(sys.argv[1:]),
-                             target=step_target, extra_targets=tuple(extra_target), executor=runner)
+                             target=step_target, extra_targets=tuple(extra_target), executor=runner, archive=archive)
     typer.echo("\n" + results["markdown"])
     typer.echo("\nwrote " + ", ".join(results["files"].values()))
 

@@ -82,11 +82,19 @@ def test_evaluate_end_to_end(tmp_path):
     assert set(entry.summaries) == {"last", "result"} and len(entry.rows) == len(entry.summaries["last"])
     cached = list(graph_dir.glob("??/*"))  # the store entries
     mtimes = {p: p.stat().st_mtime_ns for p in cached}
-    result = CliRunner().invoke(app, args + ["--prm-epochs", "0"])
+    archive = tmp_path / "kept" / "fingerprints.parquet"
+    result = CliRunner().invoke(app, args + ["--prm-epochs", "0", "--archive", str(archive)])
     assert result.exit_code == 0, result.output
     assert "prm_finetuned" not in json.loads((run_dir / "evaluation.json").read_text())["arith"]["methods"]
     assert all(p.stat().st_mtime_ns == mtimes[p] for p in cached)
     pd.testing.assert_frame_equal(pd.read_parquet(graph_dir / "fingerprints.parquet"), fps)
+    # the archive (filled from the store) rebuilds the same table in a fresh graph store, without graphs
+    fresh = tmp_path / "fresh-graphs"
+    args[args.index(str(graph_dir))] = str(fresh)
+    result = CliRunner().invoke(app, args + ["--prm-epochs", "0", "--archive", str(archive)])
+    assert result.exit_code == 0, result.output
+    pd.testing.assert_frame_equal(pd.read_parquet(fresh / "fingerprints.parquet"), fps)
+    assert all(TraceStore(fresh).get(k).summaries == {} for k in TraceStore(fresh).keys())
     assert re.search(r"arith: \d+ steps \(8 faulty\)", (run_dir / "report.md").read_text())
 
 

@@ -13,7 +13,7 @@ from crv.evaluate.methods import EvalConfig, TextInputs
 from crv.evaluate.report import markdown_table, write_report
 from crv.evaluate.run import evaluate_table, save_step_table
 from crv.evaluate.steps import column_groups, time_crv
-from crv.extract import LocalExecutor, RayExecutor, build_step_table
+from crv.extract import LocalExecutor, RayExecutor, archive_fingerprints, build_step_table
 from crv.tasks.schema import Record
 
 
@@ -30,6 +30,7 @@ def run_evaluation(
     table: pd.DataFrame | None = None,
     cost_sample: int = 8,
     executor: LocalExecutor | RayExecutor | None = None,
+    archive: str | Path | None = None,
 ) -> dict:
     """Evaluate CRV and the baselines on ``records``; writes the step table, report files and classifiers.
 
@@ -39,14 +40,20 @@ def run_evaluation(
     classifier of each task (``classifiers/<task>``: trained on all its steps out of fold, on the
     training split in split mode) go to ``run_dir``.
     A step table from an earlier run of the same records (``steps.parquet``) may be passed as ``table``.
+    With ``archive`` (:mod:`crv.extract.archive`) traces it holds need no graphs, and the fingerprints of
+    this run's traces are added to it (``graph_dir`` is then required).
     CRV's cost per step is timed from scratch on up to ``cost_sample`` test traces of each task
     (the PRMs' on all test traces), in the same run.
     """
     run_dir = Path(run_dir)
     graph_dir = Path(graph_dir) if graph_dir is not None else None
+    if archive is not None and graph_dir is None:
+        raise ValueError("a fingerprint archive is filled from the graph store: pass graph_dir too")
     if table is None:
         table = build_step_table(att, records, graph_dir, progress=progress, target=target, extra_targets=extra_targets,
-                                 executor=executor)
+                                 executor=executor, archive=archive)
+        if archive is not None:
+            archive_fingerprints(att, records, graph_dir, archive, target, extra_targets)  # type: ignore[arg-type]
     elif len(table) != sum(len(r.steps) for r in records):
         raise ValueError(f"the step table has {len(table)} rows but the records have {sum(len(r.steps) for r in records)} steps")
     save_step_table(table, run_dir, graph_dir)
