@@ -24,6 +24,11 @@ from crv.attribution.linear import LinearReplacement
 
 #: the token table and its [T, T, d] working tensor stay under this many floats (1 GiB)
 TOKEN_TABLE_MAX_FLOATS = 2**28
+#: the table's real cost per modelled multiply-add, against the per-target path's: its einsums over
+#: [T, T, d] tensors are bound by memory traffic, not by arithmetic. Measured on the shipped reasoner
+#: (2 CPU cores): with the table charged at its bare multiply-adds, a 692-token trace took 20 s
+#: instead of 6 s; charged 4x, the table is built only where it pays (short traces, many rows).
+TOKEN_TABLE_COST_FACTOR = 4
 
 
 class RowKernel:
@@ -44,7 +49,7 @@ class RowKernel:
         #: token columns of every feature's row ([n_features, T]), once building them beats the per-target way
         self.token_table: torch.Tensor | None = None
         self._token_work = 0  # multiply-adds spent on token columns the per-target way
-        self._table_work = lin.n_layers * T * self._dense_crossing(T)
+        self._table_work = TOKEN_TABLE_COST_FACTOR * lin.n_layers * T * self._dense_crossing(T)
         self._table_fits = lin.n_features * T + T * T * d <= TOKEN_TABLE_MAX_FLOATS
 
     def _dense_crossing(self, T: int) -> int:
