@@ -38,7 +38,7 @@ def clean(att, records, tmp_path_factory):
 
 
 def entry_files(root):
-    return sorted(p.name for p in root.rglob("*") if p.is_file() and p.name != "manifest.json")
+    return sorted(p.name for p in root.rglob("*") if p.is_file() and not p.name.startswith("manifest."))
 
 
 def test_store_round_trip_and_reuse(att, records, clean, tmp_path):

@@ -88,7 +88,7 @@ class FingerprintArchive:
         as they are); returns how many traces were added. Safe against concurrent writers (file lock) and kills
         (atomic replace)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_name(f".{self.path.name}.lock"), "w") as lock:
+        with open(self.path.with_name(f".{self.path.name}.lock"), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             self._load()  # with what other writers added meanwhile
             new = []

@@ -56,7 +56,7 @@ def build_step_table(att: Attributor, records: Iterable[Record], graph_dir: str 
     entries: dict[int, Entry] = {}
     if store is not None:
         for i, k in enumerate(keys):
-            e = store.get(k)
+            e = store.get(k, graphs=False)
             if e is not None:
                 entries[i] = e
     todo = [i for i in range(len(records)) if i not in entries]
@@ -94,7 +94,7 @@ def archive_fingerprints(att: Attributor, records: Iterable[Record], graph_dir: 
     keys = trace_keys(att, records, target, extra_targets)
     rows = {}
     for k in keys:
-        if k not in archive and (e := store.get(k)) is not None:
+        if k not in archive and (e := store.get(k, graphs=False)) is not None:
             rows[k] = e.rows
     archive.add(rows)
     return sum(1 for k in keys if k in archive), len(keys)

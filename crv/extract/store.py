@@ -89,14 +89,16 @@ class TraceStore:
             return None
         return meta
 
-    def get(self, key: str) -> Entry | None:
-        """The entry, or None if it is absent or fails its checksums."""
+    def get(self, key: str, graphs: bool = True) -> Entry | None:
+        """The entry, or None if it is absent or fails its checksums (``graphs=False``: its rows only, no graphs read)."""
         meta = self._verified(key)
         if meta is None:
             return None
         base = self._base(key)
         try:
             rows = pd.read_parquet(base.with_name(base.name + ".parquet"))
+            if not graphs:
+                return Entry(rows, {})
             flat = load_summaries(base.with_name(base.name + ".graphs")) if "graphs.json" in meta["sha256"] else []
         except Exception:  # a file that passed its checksum but does not parse: treat as missing
             return None
@@ -136,7 +138,7 @@ class TraceStore:
         run = {"settings": settings, "versions": {**versions, "python": platform.python_version()},
                "traces": n_traces, "computed": computed, "reused": n_traces - computed,
                "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        with open(self.root / "manifest.lock", "w") as lock:  # processes sharing the store append in turn
+        with open(self.root / "manifest.lock", "a") as lock:  # processes sharing the store append in turn
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 manifest = json.loads(path.read_text()) if path.is_file() else {"runs": []}
