@@ -49,7 +49,7 @@ from crv.evaluate.pipeline import run_evaluation
 from crv.evaluate.prm import PRMConfig
 from crv.evaluate.report import markdown_table, write_report
 from crv.evaluate.run import evaluate_table, seed_spread
-from crv.extract import archive_fingerprints, build_step_table
+from crv.extract import FingerprintArchive, archive_fingerprints, build_step_table, trace_keys
 from crv.reasoner.generate import generate_records
 from crv.tasks.cot import generate_problems
 from crv.tasks.schema import Record, read_records, write_records
@@ -187,10 +187,16 @@ def main() -> None:
                                                    extra_targets=extra)
                 print(f"seed {seed}: {t} archive holds {held} of {total} traces", flush=True)
             continue
-        if args.shard is not None:
+        if args.shard is not None:  # every N-th trace from the I-th, less those archived (--build-only reads them)
             i, n = args.shard
             for t in tasks:
-                build_step_table(att, [r for r in recs[t] if r.steps][i::n], args.graph_dir, extra_targets=extra)
+                archive = FingerprintArchive(data / f"{t}-fingerprints.parquet")
+                with_steps = [r for r in recs[t] if r.steps]
+                mine = [r for r, k in list(zip(with_steps, trace_keys(att, with_steps, extra_targets=extra)))[i::n]
+                        if k not in archive]
+                print(f"seed {seed}: {t} shard {i}/{n}: {len(mine)} traces not archived", flush=True)
+                if mine:
+                    build_step_table(att, mine, args.graph_dir, extra_targets=extra)
             continue
         if args.evaluate_only:  # each task's table of this seed if complete
             done = {t: complete_table(recs[t], d / f"{t}.parquet") for t in tasks}
