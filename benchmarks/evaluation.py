@@ -32,11 +32,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
 import shlex
 import shutil
 import sys
 import time
 from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pandas as pd
@@ -224,13 +226,16 @@ def main() -> None:
     pooled_records = [r for s in tables for r in records[s] if r.steps]
     pooled = pd.concat(list(tables.values()), ignore_index=True)
     t0 = time.time()
-    results = run_evaluation(pooled_records, att, args.run_dir, args.graph_dir, cfg, command=command,
-                             extra_targets=extra, table=pooled)
-    by_id = {r.problem_id: r for r in pooled_records}
+    # one evaluation per seed for the spread across datasets (with one seed, the pooled evaluation is that
+    # seed's), in worker processes beside the pooled one: the classifiers fit on one core each
     seed_cfg = cfg if args.seed_prm else EvalConfig(folds=args.folds, n_boot=args.n_boot, prm=None)
-    # one evaluation per seed for the spread across datasets (with one seed, the pooled evaluation is that seed's)
-    per_seed = ([evaluate_table(tables[s], seed_cfg, TextInputs(att.model, att.encoder, by_id)) for s in tables]
-                if len(tables) > 1 else [results])
+    text = TextInputs(att.model, att.encoder, {r.problem_id: r for r in pooled_records}) if args.seed_prm and prm else None
+    with ProcessPoolExecutor(max_workers=max(1, args.threads - 1), mp_context=mp.get_context("spawn"),
+                             initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        futures = [pool.submit(evaluate_table, tables[s], seed_cfg, text) for s in tables] if len(tables) > 1 else []
+        results = run_evaluation(pooled_records, att, args.run_dir, args.graph_dir, cfg, command=command,
+                                 extra_targets=extra, table=pooled)
+        per_seed = [f.result() for f in futures] or [results]
     spread = seed_spread(per_seed)
     results["seeds"] = spread
     results["files"] = {k: str(v) for k, v in write_report(results, args.run_dir, command).items()}
