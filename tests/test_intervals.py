@@ -72,3 +72,23 @@ def test_seed_spread_is_mean_and_sample_sd_per_method():
     assert out["arith"]["crv"]["auroc_mean"] == pytest.approx(0.8)
     assert out["arith"]["crv"]["auroc_sd"] == pytest.approx(0.1)
     assert out["arith"]["maxprob"]["auroc_sd"] == 0.0 and out["arith"]["crv"]["n_seeds"] == 3
+
+
+def test_report_table_puts_the_spread_across_seeds_next_to_the_intervals():
+    from crv.evaluate.report import markdown_table
+
+    def task(crv, maxprob):
+        m = {name: {"auroc": v, "aupr": 0.5, "fpr95": 0.4, "auroc_ci": [v - 0.02, v + 0.02]}
+             for name, v in (("crv", crv), ("maxprob", maxprob))}
+        return {"methods": m, "n_steps": 10, "n_faulty": 2, "n_test_steps": 10, "n_test_faulty": 2,
+                "ablation_auroc": {}, "paired_vs_crv": {"maxprob": {"auroc_diff": maxprob - crv, "ci": [0.0, 0.1]}}}
+
+    runs = [{"arith": task(c, 0.9)} for c in (0.7, 0.8, 0.9)]
+    pooled = {"arith": task(0.8, 0.9), "settings": {}, "seeds": seed_spread(runs)}
+    lines = markdown_table(pooled).splitlines()
+    assert lines[0].endswith("| arith AUROC over 3 seeds |")
+    crv = next(line for line in lines if line.startswith("| crv |"))
+    assert crv.endswith("| 80.0 ± 10.0 |") and "80.0 [78.0, 82.0]" in crv
+    assert next(line for line in lines if line.startswith("| maxprob |")).endswith("| 90.0 ± 0.0 |")
+    one_seed = markdown_table({**pooled, "seeds": seed_spread(runs[:1])}).splitlines()
+    assert "seeds" not in one_seed[0] and any("one seed's dataset only" in line for line in one_seed)

@@ -41,12 +41,21 @@ def _ci(ci: list | None) -> str:
     return "" if not ci else f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
 
 
+def _n_seeds(spread: dict) -> int:
+    """How many seeds' evaluations a task's spread summarises."""
+    return max((v.get("n_seeds", 1) for v in spread.values()), default=0)
+
+
 def markdown_table(results: dict) -> str:
-    """Methods as rows; AUROC [95% CI], AUPR, FPR@95 and the paired AUROC difference to CRV (percent) per task;
-    then per-difficulty AUROC, transfer, ablation and costs."""
+    """Methods as rows; AUROC [95% CI], AUPR, FPR@95, the paired AUROC difference to CRV (percent) and, with
+    several seeds' datasets, the AUROC mean ± sd across their evaluations, per task; then per-difficulty AUROC,
+    transfer, ablation and costs."""
     tasks = _tasks(results)
-    head = "| method | " + " | ".join(f"{t} AUROC↑ | {t} AUPR↑ | {t} FPR@95↓ | {t} ΔAUROC vs crv" for t in tasks) + " |"
-    sep = "|---|" + "---|---|---|---|" * len(tasks)
+    spread = {t: s for t, s in (results.get("seeds") or {}).items() if t in tasks and _n_seeds(s) > 1}
+    head = "| method | " + " | ".join(f"{t} AUROC↑ | {t} AUPR↑ | {t} FPR@95↓ | {t} ΔAUROC vs crv"
+                                     + (f" | {t} AUROC over {_n_seeds(spread[t])} seeds" if t in spread else "")
+                                     for t in tasks) + " |"
+    sep = "|---|" + "".join("---|" * (5 if t in spread else 4) for t in tasks)
     lines = [head, sep]
     present = [m for m in METHODS if any(m in results[t]["methods"] for t in tasks)]
     present += sorted({m for t in tasks for m in results[t]["methods"] if m not in METHODS})
@@ -55,12 +64,16 @@ def markdown_table(results: dict) -> str:
         for t in tasks:
             r = results[t]["methods"].get(m)
             if r is None:
-                cells += ["—"] * 4
+                cells += ["—"] * (5 if t in spread else 4)
                 continue
             d = results[t].get("paired_vs_crv", {}).get(m)
             cells += [f"{_pct(r['auroc'])}{_ci(r.get('auroc_ci'))}", f"{_pct(r['aupr'])}{_ci(r.get('aupr_ci'))}",
                       f"{_pct(r['fpr95'])}{_ci(r.get('fpr95_ci'))}",
                       "—" if d is None else f"{100 * d['auroc_diff']:+.1f}{_ci(d['ci'])}"]
+            if t in spread:
+                v = spread[t].get(m)
+                cells.append("—" if v is None or v.get("n_seeds", 1) < 2
+                             else f"{100 * v['auroc_mean']:.1f} ± {100 * v['auroc_sd']:.1f}")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     lines.append("")
     counts = ", ".join(f"{t}: {results[t]['n_steps']} steps ({results[t]['n_faulty']} faulty) of "
@@ -90,7 +103,7 @@ def markdown_table(results: dict) -> str:
         for t in tasks:
             if t not in seeds or not seeds[t]:
                 continue
-            k = max(v.get("n_seeds", 1) for v in seeds[t].values())
+            k = _n_seeds(seeds[t])
             if k < 2:
                 lines += ["", f"Across datasets ({t}): one seed's dataset only, so no spread across seeds yet."]
                 continue
