@@ -231,15 +231,26 @@ def main() -> None:
     # with a second process made a pooled (3-seed) PRM fold take 684-2,180 s, against 65-97 s for one seed's
     # data with the cores to itself: far more than the overlap saves
     seed_cfg = cfg if args.seed_prm else EvalConfig(folds=args.folds, n_boot=args.n_boot, prm=None)
+    settings = {"max_feature_nodes": args.max_feature_nodes, "arith_count_per_n": tasks["arith"],
+                "bool_count_per_n": tasks["bool"], "seeds": list(tables), "seeds_requested": args.seeds,
+                "folds": args.folds, "n_boot": args.n_boot, "prm_epochs": args.prm_epochs,
+                "seed_evaluations_with_prm": bool(args.seed_prm and prm), "threads": args.threads,
+                "build_seconds": round(build_seconds), "step_target": "last", "extra_targets": list(extra)}
+    if len(tables) > 1:  # the pooled figures first, so that a stop during the per-seed evaluations loses nothing
+        write_figures(results, {}, tasks, {**settings, "eval_seconds": round(time.time() - t0)}, command, args.run_dir)
     text = TextInputs(att.model, att.encoder, {r.problem_id: r for r in pooled_records}) if args.seed_prm and prm else None
     per_seed = [evaluate_table(tables[s], seed_cfg, text, progress=True) for s in tables] if len(tables) > 1 else [results]
-    spread = seed_spread(per_seed)
-    results["seeds"] = spread
-    results["files"] = {k: str(v) for k, v in write_report(results, args.run_dir, command).items()}
-    results["markdown"] = markdown_table(results)
-    eval_seconds = time.time() - t0
-    print(results["markdown"])
+    write_figures(results, seed_spread(per_seed), tasks, {**settings, "eval_seconds": round(time.time() - t0)},
+                  command, args.run_dir)
 
+
+def write_figures(results: dict, spread: dict, tasks: dict, settings: dict, command: str, run_dir: Path) -> None:
+    """The report in ``run_dir`` and the figures under ``benchmarks/results/`` (``spread``: per task, each
+    method's AUROC across the seeds' evaluations; empty until they ran)."""
+    results["seeds"] = spread
+    results["files"] = {k: str(v) for k, v in write_report(results, run_dir, command).items()}
+    results["markdown"] = markdown_table(results)
+    print(results["markdown"])
     out: dict = {}
     for task in tasks:
         r = results.get(task)
@@ -250,18 +261,14 @@ def main() -> None:
         out[task]["seeds"] = spread.get(task, {})
     out["transfer"] = results["transfer"]
     out["transfer_trained_on_both"] = results["transfer_trained_on_both"]
-    out["settings"] = {"max_feature_nodes": args.max_feature_nodes, "arith_count_per_n": tasks["arith"],
-                       "bool_count_per_n": tasks["bool"], "seeds": list(tables), "seeds_requested": args.seeds,
-                       "folds": args.folds, "n_boot": args.n_boot, "prm_epochs": args.prm_epochs,
-                       "seed_evaluations_with_prm": bool(args.seed_prm and prm), "threads": args.threads,
-                       "build_seconds": round(build_seconds), "eval_seconds": round(eval_seconds),
-                       "step_target": "last", "extra_targets": list(extra)}
+    out["settings"] = settings
     out["command"] = command
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "evaluation.json").write_text(json.dumps(out, indent=2, default=float) + "\n")
     (RESULTS / "evaluation.md").write_text(f"# Evaluation\n\n`{command}`\n\n{results['markdown']}\n")
-    shutil.copy(args.run_dir / "summary.png", RESULTS / "evaluation.png")
-    print(f"wrote {RESULTS / 'evaluation.json'} (build {build_seconds:.0f} s, evaluation {eval_seconds:.0f} s)")
+    shutil.copy(run_dir / "summary.png", RESULTS / "evaluation.png")
+    print(f"wrote {RESULTS / 'evaluation.json'} (build {settings['build_seconds']} s, "
+          f"evaluation {settings['eval_seconds']} s)", flush=True)
 
 
 if __name__ == "__main__":

@@ -90,5 +90,10 @@ def test_report_table_puts_the_spread_across_seeds_next_to_the_intervals():
     crv = next(line for line in lines if line.startswith("| crv |"))
     assert crv.endswith("| 80.0 ± 10.0 |") and "80.0 [78.0, 82.0]" in crv
     assert next(line for line in lines if line.startswith("| maxprob |")).endswith("| 90.0 ± 0.0 |")
+    assert all("no spread" not in line for line in lines)
+    pooled["arith"]["methods"]["prm_finetuned"] = {**pooled["arith"]["methods"]["maxprob"]}
+    lines = markdown_table(pooled).splitlines()
+    assert next(line for line in lines if line.startswith("| prm_finetuned |")).endswith("| — |")
+    assert next(line for line in lines if line.startswith("Across datasets")).endswith("(no spread): prm_finetuned")
     one_seed = markdown_table({**pooled, "seeds": seed_spread(runs[:1])}).splitlines()
     assert "seeds" not in one_seed[0] and any("one seed's dataset only" in line for line in one_seed)

@@ -109,6 +109,9 @@ def markdown_table(results: dict) -> str:
                 continue
             lines += ["", f"Across datasets ({t}, one evaluation per seed, {k} seeds): AUROC mean ± sd: "
                       + ", ".join(f"{m} {100 * v['auroc_mean']:.1f} ± {100 * v['auroc_sd']:.1f}" for m, v in seeds[t].items())]
+            unseeded = [m for m in results[t]["methods"] if m not in seeds[t]]
+            if unseeded:
+                lines[-1] += f"; not evaluated on each seed's dataset (no spread): {', '.join(unseeded)}"
     lines.append("")
     if results.get("transfer"):
         lines.append("Transfer (CRV AUROC): " + ", ".join(f"{k} {100 * v:.1f}" for k, v in results["transfer"].items())
