@@ -22,7 +22,9 @@ committed, while the graph store is not. A later build computes graphs only for 
 archives lack; the other columns of the archived traces (black-box scores, transcoder
 statistics, hidden states) come from one forward pass each (:mod:`crv.extract.archive`). Then every method is scored out of fold (5 folds over problems) on the pooled
 datasets of the seeds whose tables are complete, with intervals by problem and paired
-differences to CRV, and once per seed for the spread across datasets.
+differences to CRV, and once per seed for the spread across datasets (each seed's evaluation is kept in
+``runs/benchmark-evaluation/seed-<s>/evaluation.json``, so a stop among them loses only the one in progress;
+``--seed-prm`` trains the PRMs in them too).
 
 Writes benchmarks/results/evaluation.json (fractions in [0, 1]), benchmarks/results/evaluation.md
 and the full report (report.md, report.html, summary.png) under runs/benchmark-evaluation/.
@@ -48,7 +50,7 @@ from crv.evaluate.methods import EvalConfig, TextInputs
 from crv.evaluate.pipeline import run_evaluation
 from crv.evaluate.prm import PRMConfig
 from crv.evaluate.report import markdown_table, write_report
-from crv.evaluate.run import evaluate_table, seed_spread
+from crv.evaluate.run import seed_spread, stored_evaluation
 from crv.extract import FingerprintArchive, archive_fingerprints, build_step_table, trace_keys
 from crv.reasoner.generate import generate_records
 from crv.tasks.cot import generate_problems
@@ -239,7 +241,9 @@ def main() -> None:
     if len(tables) > 1:  # the pooled figures first, so that a stop during the per-seed evaluations loses nothing
         write_figures(results, {}, tasks, {**settings, "eval_seconds": round(time.time() - t0)}, command, args.run_dir)
     text = TextInputs(att.model, att.encoder, {r.problem_id: r for r in pooled_records}) if args.seed_prm and prm else None
-    per_seed = [evaluate_table(tables[s], seed_cfg, text, progress=True) for s in tables] if len(tables) > 1 else [results]
+    # each seed's evaluation is kept in its run folder: a stop among them loses only the one in progress
+    per_seed = ([stored_evaluation(tables[s], seed_cfg, args.run_dir / f"seed-{s}" / "evaluation.json", text, progress=True)
+                 for s in tables] if len(tables) > 1 else [results])
     write_figures(results, seed_spread(per_seed), tasks, {**settings, "eval_seconds": round(time.time() - t0)},
                   command, args.run_dir)
 

@@ -179,3 +179,23 @@ def test_split_mode_scores_only_the_held_out_problems(step_table):
         assert sum(p["n_steps"] for p in r["per_n"].values()) == r["n_test_steps"]
     with pytest.raises(ValueError, match="scoring"):
         EvalConfig(scoring="loo")
+
+
+def test_stored_evaluation_is_read_back_only_for_the_same_table_and_config(step_table, tmp_path, monkeypatch):
+    import crv.evaluate.run as run
+    from crv.evaluate.methods import EvalConfig
+
+    table, _, _ = step_table
+    cfg = EvalConfig(folds=2, n_boot=20, prm=None)
+    path = tmp_path / "seed" / "evaluation.json"
+    first = run.stored_evaluation(table, cfg, path)
+    assert path.is_file() and first["arith"]["methods"]["crv"]["auroc"] == pytest.approx(
+        run.evaluate_table(table, cfg)["arith"]["methods"]["crv"]["auroc"])
+    calls = []
+    evaluate = run.evaluate_table
+    monkeypatch.setattr(run, "evaluate_table", lambda *a, **k: calls.append(a) or evaluate(*a, **k))
+    assert run.stored_evaluation(table, cfg, path) == first and not calls  # read back, nothing refitted
+    other = run.stored_evaluation(table, EvalConfig(folds=2, n_boot=30, prm=None), path)  # another config: recomputed
+    assert len(calls) == 1 and other["settings"]["n_boot"] == 30
+    run.stored_evaluation(table.iloc[: len(table) // 2 * 2 - 2], EvalConfig(folds=2, n_boot=30, prm=None), path)
+    assert len(calls) == 2  # another table: recomputed

@@ -3,6 +3,7 @@ per difficulty), leave-one-family-out ablation, cross-domain transfer, spread ov
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict
 from pathlib import Path
 
@@ -150,6 +151,27 @@ def evaluate_table(table: pd.DataFrame, cfg: EvalConfig = EvalConfig(), text: Te
     out["transfer"] = pairs
     out["transfer_trained_on_both"] = both
     return out
+
+
+def stored_evaluation(table: pd.DataFrame, cfg: EvalConfig, path: str | Path, text: TextInputs | None = None,
+                      progress: bool = False) -> dict:
+    """:func:`evaluate_table` of ``table`` (its JSON part, :func:`public`), read back from ``path`` when
+    that file holds the evaluation of a table of the same size under the same ``cfg``, else computed
+    and written there; so a stop during a series of evaluations loses only the one in progress."""
+    path = Path(path)
+    key = {"config": json.loads(json.dumps(asdict(cfg), default=str)), "with_text": text is not None,
+           "n_steps": len(table), "n_faulty": int(table["faulty"].sum()),
+           "problems": int(table["problem_id"].nunique())}
+    if path.is_file():
+        stored = json.loads(path.read_text())
+        if stored.get("key") == key:
+            return stored["results"]
+    results = json.loads(json.dumps(public(evaluate_table(table, cfg, text, progress)), default=float))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"key": key, "results": results}, indent=1) + "\n")
+    tmp.replace(path)
+    return results
 
 
 def seed_spread(results: list[dict]) -> dict[str, dict]:
