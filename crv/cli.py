@@ -174,6 +174,46 @@ def train_transcoders_cmd(
     typer.echo(f"saved {out}")
 
 
+@app.command("finetune")
+def finetune_cmd(
+    model: Path = typer.Option(..., help="Base model directory (`crv import-model` makes one from GGUF / HF)."),
+    out: Path = typer.Option(..., help="Output: the merged model directory; adapter in OUT/adapter, checkpoints in OUT/finetune."),
+    task: list[str] = typer.Option(["arith", "bool"], "--task", help="Task(s) to train on (repeat the option)."),
+    n: list[int] = typer.Option([1, 2, 3, 4, 5, 6], "--n", help="Operator counts drawn uniformly (repeat the option)."),
+    steps: int = typer.Option(600, help="Total optimiser steps (raise it to extend a run; the schedule is warm-up then constant)."),
+    batch_size: int = typer.Option(8),
+    lr: float = typer.Option(1e-3),
+    lora_rank: int = typer.Option(16),
+    lora_alpha: int = typer.Option(32),
+    seed: int = typer.Option(0),
+    eval_every: int = typer.Option(100, help="Steps between held-out step-accuracy checks (0: only the final one)."),
+    checkpoint_seconds: float = typer.Option(180.0, help="Seconds between checkpoints."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the checkpoint in OUT/finetune (exactly)."),
+    device: str = DEVICE_OPTION,
+    threads: int = typer.Option(0, help="torch threads (0: default)."),
+) -> None:
+    """LoRA fine-tuning on crv's canonical chain of thought in the model's chat template (loss on the assistant
+    turn only), resumable; writes the merged model (read by every crv command) and the adapter."""
+    import torch
+
+    from crv.finetune.train import FinetuneConfig, FinetuneRun
+
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = FinetuneConfig(tasks=tuple(task), ns=tuple(n), steps=steps, batch_size=batch_size, lr=lr, lora_rank=lora_rank,
+                         lora_alpha=lora_alpha, seed=seed, eval_every=eval_every, checkpoint_seconds=checkpoint_seconds)
+    run = _load(lambda: FinetuneRun(cfg, model, out, device=device))
+    try:
+        pr = run.train(resume=resume)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--resume / --out") from e
+    acc = run.evaluate()
+    typer.echo(f"trained {pr.step} steps, {pr.tokens_seen} tokens in {pr.seconds:.0f} s; held-out step accuracy "
+               + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
+    run.export(command="crv " + " ".join(sys.argv[1:]))
+    typer.echo(f"saved {out} (merged model) and {out / 'adapter'}")
+
+
 def _write_with_summary(records, out: Path) -> None:  # type: ignore[no-untyped-def]
     """Write records as JSONL and print their per-task summary."""
     from crv.tasks.schema import write_records

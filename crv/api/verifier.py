@@ -18,13 +18,11 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from crv.attribution.attributor import Attributor, step_position
+from crv.attribution.attributor import Attributor
 from crv.attribution.engine import AttributionConfig
 from crv.attribution.graph import Graph
-from crv.attribution.prune import Pruned, prune
+from crv.attribution.prune import Pruned
 from crv.classify.model import DEFAULT_CLASSIFIER, StepClassifier
-from crv.fingerprint.features import fingerprint_summary
-from crv.fingerprint.summary import summarize
 from crv.lm.encode import EncodedTrace
 from crv.tasks.cot import ANSWER_PREFIX
 
@@ -129,13 +127,11 @@ class Verifier:
     @torch.no_grad()
     def verify(self, task: str, question: str, steps: Sequence[str], include_graph: bool = False) -> list[StepVerdict]:
         """Verdicts for every step; all share one forward pass and one row cache."""
-        enc = self.encode(task, question, steps)
-        tr = self.att.trace(enc.ids, {"task": task})
+        trace = self.att.steps(self.encode(task, question, steps), {"task": task})
         out, rows = [], []
         for k in range(len(steps)):
-            graph = tr.graph(pos=step_position(enc, k, self.target, tr.cap.logits), step_index=k)
-            pr = prune(graph)
-            fp = fingerprint_summary(summarize(graph, pr))
+            view = trace.step(k, self.target)
+            graph, pr, fp = view.graph, view.pruned, view.fingerprint
             rows.append(fp)
             sel = graph.active_features[graph.selected_features].tolist()
             infl = pr.node_influence[: graph.n_features]

@@ -7,14 +7,19 @@
 
 A record is rendered in the model's prompt format (:mod:`crv.lm.prompt`) and tokenized with
 per-step token spans (:mod:`crv.lm.encode`). A step's graph is computed at the step's last
-token (the paper's "after" setting), over the whole context: prompt and all steps so far.
-All steps of a trace share one forward pass.
+token (the paper's "after" setting), over the whole context: prompt and all steps so far,
+tokenized as the paper does, ``tok(text[:end_k])`` (:meth:`TraceEncoder.encode_prefix`).
+Where those ids are a prefix of the whole trace's ids (every step on character-level,
+SentencePiece and GPT-2-style tokenizers) the steps share one forward pass; a step whose
+prefix tokenizes otherwise (a Llama-3 / Qwen2 pre-token that joins ``"."`` and the newline
+after it) gets its own (:class:`TraceSteps`, ``own_forwards``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -22,7 +27,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from crv.attribution.engine import AttributionConfig, TraceAttribution
 from crv.attribution.graph import Graph
-from crv.lm.encode import EncodedTrace, TraceEncoder, encode_text, trace_encoder
+from crv.attribution.prune import Pruned, prune
+from crv.lm.encode import EncodedTrace, TraceEncoder, tokenize, trace_encoder, with_lead
 from crv.lm.load import DEFAULT_MODEL_DIR, load_model
 from crv.lm.prompt import PlainFormat
 from crv.tasks.schema import Record
@@ -55,6 +61,79 @@ def step_position(trace: EncodedTrace, k: int, target: str = "last", logits: tor
         confidence = torch.softmax(logits[lo : end - 1].float(), -1).max(-1).values
         return lo + int(confidence.argmin()) if len(confidence) else end - 1
     return end - 1
+
+
+@dataclass
+class StepView:
+    """One step's graph and what is derived from it (pruned graph, summary, fingerprint), computed once each.
+
+    ``position`` indexes ``encoding`` (the step's own prefix ids); ``trace`` is the forward pass the graph
+    was read from (shared by the record's steps unless ``own_forward``).
+    """
+
+    index: int
+    target: str
+    position: int
+    encoding: EncodedTrace
+    trace: TraceAttribution
+    own_forward: bool
+
+    @cached_property
+    def graph(self) -> Graph:
+        g = self.trace.graph(pos=self.position, step_index=self.index)
+        g.meta.update({"step_target": self.target, "own_forward": self.own_forward})
+        return g
+
+    @cached_property
+    def pruned(self) -> Pruned:
+        return prune(self.graph)
+
+    @cached_property
+    def summary(self):  # type: ignore[no-untyped-def]
+        from crv.fingerprint.summary import summarize
+
+        return summarize(self.graph, self.pruned)
+
+    @cached_property
+    def fingerprint(self) -> dict[str, float]:
+        from crv.fingerprint.features import fingerprint_summary
+
+        return fingerprint_summary(self.summary)
+
+
+class TraceSteps:
+    """The steps of one encoded trace, each attributed on its own prefix as the paper tokenizes it.
+
+    ``shared`` is the whole trace's forward pass (logits, hidden states and active features of every
+    position); a step whose prefix ids (``tok(text[:end_k])``) are not a prefix of the trace's ids gets
+    a forward pass of its own, counted in ``own_forwards``.
+    """
+
+    def __init__(self, att: "Attributor", encoding: EncodedTrace, meta: dict | None = None) -> None:
+        self.att, self.encoding, self.meta = att, encoding, dict(meta or {})
+        self.shared = att.trace(encoding.ids, self.meta)
+        self.own_forwards = 0
+
+    def __len__(self) -> int:
+        return len(self.encoding.spans)
+
+    def prefix(self, k: int) -> tuple[EncodedTrace, bool]:
+        """Step ``k``'s own encoding, and whether its ids are a prefix of the whole trace's."""
+        pk = self.att.encoder.encode_prefix(self.encoding, k)
+        n = pk.n_tokens
+        return pk, n <= self.encoding.n_tokens and torch.equal(pk.ids, self.encoding.ids[:n])
+
+    def step(self, k: int, target: str = "last") -> StepView:
+        """Step ``k``'s view at ``target`` (see :data:`STEP_TARGETS`)."""
+        pk, shared = self.prefix(k)
+        if shared:
+            tr = self.shared
+            logits = tr.cap.logits
+        else:
+            tr = self.att.trace(pk.ids, {**self.meta, "own_forward": True})
+            logits = tr.cap.logits
+            self.own_forwards += 1
+        return StepView(k, target, step_position(pk, k, target, logits), pk, tr, not shared)
 
 
 def model_checksum(path: Path) -> str:
@@ -110,8 +189,10 @@ class Attributor:
         return self.encoder.format.name
 
     def encode(self, text: str) -> torch.Tensor:
-        """Token ids of raw ``text`` (BOS first where the prompt format adds one)."""
-        return torch.tensor(encode_text(self.tokenizer, text, add_bos=self.encoder.format.add_bos))
+        """Token ids of raw ``text`` as attribution reads them (BOS first where the prompt format adds one; a
+        special token first in any case, as circuit-tracer does, see :func:`crv.lm.encode.with_lead`)."""
+        ids, _ = with_lead(self.tokenizer, *tokenize(self.tokenizer, text, add_bos=self.encoder.format.add_bos))
+        return torch.tensor(ids)
 
     def encode_record(self, record: Record) -> EncodedTrace:
         """A record as the model reads it, with each step's token span."""
@@ -129,14 +210,23 @@ class Attributor:
         enc = self.encode_record(record)
         return self.trace(enc.ids, {"problem_id": record.problem_id, "task": record.task}), enc
 
+    def steps(self, encoding: EncodedTrace, meta: dict | None = None) -> TraceSteps:
+        """The per-step attribution of an encoded trace (one forward, more only where a prefix tokenizes otherwise)."""
+        return TraceSteps(self, encoding, meta)
+
+    def record_steps(self, record: Record) -> TraceSteps:
+        """:meth:`steps` of a record."""
+        return self.steps(self.encode_record(record), {"problem_id": record.problem_id, "task": record.task})
+
     def iter_step_graphs(self, record: Record, target: str = "last") -> Iterator[Graph]:
         """One attribution graph per step of a record (at the step's last token), lazily.
 
-        All steps share one forward pass and one row cache; only the current graph is held.
+        The steps share one forward pass and one row cache where their prefixes allow; only the current
+        graph is held.
         """
-        tr, enc = self.trace_record(record)
-        for k in range(len(record.steps)):
-            yield tr.graph(pos=step_position(enc, k, target, tr.cap.logits), step_index=k)
+        steps = self.record_steps(record)
+        for k in range(len(steps)):
+            yield steps.step(k, target).graph
 
     def step_graphs(self, record: Record, target: str = "last") -> list[Graph]:
         """All step graphs of a record as a list (see :meth:`iter_step_graphs` for long traces)."""

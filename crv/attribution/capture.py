@@ -28,6 +28,7 @@ class ForwardCapture:
     mlp_in: torch.Tensor  # [L, T, d]
     mlp_out: torch.Tensor  # [L, T, d]
     logits: torch.Tensor  # [T, V]
+    hidden: torch.Tensor  # [L + 1, T, d] residual stream before each layer and after the last (HF hidden_states)
 
     @property
     def n_pos(self) -> int:
@@ -78,7 +79,9 @@ def capture_forward(model: PreTrainedModel, ids: torch.Tensor) -> ForwardCapture
     previous = model.config._attn_implementation
     model.config._attn_implementation = "eager"
     try:
-        logits = model(input_ids=ids[None].to(model.device)).logits[0].float()
+        out = model(input_ids=ids[None].to(model.device), output_hidden_states=True)
+        logits = out.logits[0].float()
+        hidden = torch.stack([h[0].float() for h in out.hidden_states])
     finally:
         model.config._attn_implementation = previous
         for h in handles:
@@ -93,4 +96,5 @@ def capture_forward(model: PreTrainedModel, ids: torch.Tensor) -> ForwardCapture
         mlp_in=torch.stack(rec["mlp_in"]),
         mlp_out=torch.stack(rec["mlp_out"]),
         logits=logits,
+        hidden=hidden,
     )

@@ -197,6 +197,31 @@ class TraceAttribution:
     def rows_computed(self) -> int:
         return self.cache.rows_computed
 
+    # ---------------------------------------------------------------- what the forward pass saw
+    @property
+    def ids(self) -> torch.Tensor:
+        """Token ids ``[T]`` of the sequence."""
+        return self.cap.ids
+
+    @property
+    def logits(self) -> torch.Tensor:
+        """The model's logits ``[T, V]`` (float32)."""
+        return self.cap.logits
+
+    @property
+    def hidden_states(self) -> torch.Tensor:
+        """Residual stream ``[L + 1, T, d]``: the embeddings, then after each layer (HF's ``hidden_states``)."""
+        return self.cap.hidden
+
+    @property
+    def active_features(self):  # type: ignore[no-untyped-def]
+        """The transcoders' active features (``layer``, ``pos``, ``feat``, ``act`` tensors, layer-major)."""
+        return self.lin.features
+
+    @property
+    def n_layers(self) -> int:
+        return self.lin.n_layers
+
     # ---------------------------------------------------------------- rows
     def feature_rows(self, idx: torch.Tensor) -> torch.Tensor:
         """Full edge rows (over all sources of the trace) of features ``idx``, computed once each."""

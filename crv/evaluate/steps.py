@@ -29,9 +29,9 @@ from collections.abc import Iterable
 import pandas as pd
 import torch
 
-from crv.attribution.attributor import Attributor, step_position
+from crv.attribution.attributor import Attributor
 from crv.fingerprint.features import fingerprint_summary
-from crv.fingerprint.summary import GraphSummary, summarize
+from crv.fingerprint.summary import GraphSummary
 from crv.tasks.schema import Record
 
 TEMPERATURES = (0.5, 0.75, 1.5, 2.0, 3.0, 5.0)
@@ -77,20 +77,19 @@ def trace_entry(att: Attributor, record: Record, target: str = "last", extra_tar
     The fingerprint of the graph at ``target`` is unprefixed; those at ``extra_targets``
     (from the same forward pass and row cache) are prefixed ``"<target>:"``. With ``fingerprints``
     (each step's fingerprint columns, as a :class:`~crv.extract.archive.FingerprintArchive` holds them)
-    no graph is computed: the rows take those values and no graphs are returned.
+    no graph is computed: the rows take those values and no graphs are returned. Graphs are read from
+    :meth:`Attributor.record_steps` (each step on its own prefix's tokens); the black-box, transcoder and
+    hidden-state columns from the whole trace's forward pass, over the step's tokens.
     """
-    tr, enc = att.trace_record(record)
+    steps = att.record_steps(record)
+    enc, tr = steps.encoding, steps.shared
     targets = [target] + [t for t in dict.fromkeys(extra_targets) if t != target]
     if fingerprints is not None and len(fingerprints) != len(record.steps):
         raise ValueError(f"{len(fingerprints)} fingerprints for the {len(record.steps)} steps of {record.problem_id}")
     summaries = {} if fingerprints is not None else {
-        t: [summarize(tr.graph(pos=step_position(enc, k, t, tr.cap.logits), step_index=k)) for k in range(len(record.steps))]
-        for t in targets}
-    ids, logits = tr.cap.ids, tr.cap.logits
-    with torch.no_grad():
-        hidden = att.model(input_ids=ids[None].to(att.model.device), output_hidden_states=True).hidden_states
-    hidden = [h[0].float().cpu() for h in hidden]
-    feats = tr.lin.features
+        t: [steps.step(k, t).summary for k in range(len(record.steps))] for t in targets}
+    ids, logits, feats = tr.ids, tr.logits, tr.active_features
+    hidden = tr.hidden_states.cpu()
     rows = []
     for k in range(len(record.steps)):
         lo, hi = enc.spans[k][0], enc.last(k)  # token positions of the step (first and last)
@@ -103,7 +102,7 @@ def trace_entry(att: Attributor, record: Record, target: str = "last", extra_tar
             for t in targets[1:]:
                 row.update({f"{t}:{name}": v for name, v in fingerprint_summary(summaries[t][k]).items()})
         row.update(black_box(logits[max(lo - 1, 0) : hi], ids[max(lo, 1) : hi + 1]))
-        row.update(transcoder_stats(feats.layer, feats.pos, feats.feat, feats.act, lo, hi, tr.lin.n_layers))
+        row.update(transcoder_stats(feats.layer, feats.pos, feats.feat, feats.act, lo, hi, tr.n_layers))
         for l, h in enumerate(hidden):
             row.update({f"h{l}.{i}": v for i, v in enumerate(h[lo : hi + 1].mean(0).tolist())})
         rows.append(row)
@@ -114,9 +113,9 @@ def time_crv(att: Attributor, records: Iterable[Record], target: str = "last") -
     """Milliseconds per step to fingerprint ``records`` from scratch (forward pass, graphs, pruning, fingerprint)."""
     n, start = 0, time.perf_counter()
     for rec in records:
-        tr, enc = att.trace_record(rec)
-        for k in range(len(rec.steps)):
-            fingerprint_summary(summarize(tr.graph(pos=step_position(enc, k, target, tr.cap.logits), step_index=k)))
+        steps = att.record_steps(rec)
+        for k in range(len(steps)):
+            steps.step(k, target).fingerprint
             n += 1
     if n == 0:
         raise ValueError("no steps to time")

@@ -25,9 +25,8 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from crv.attribution.attributor import Attributor, step_position
+from crv.attribution.attributor import Attributor
 from crv.classify.model import StepClassifier
-from crv.fingerprint.features import fingerprint
 from crv.interventions.patch import FeatureEdit
 from crv.interventions.regenerate import POSITIONS, Regeneration, regenerate
 from crv.interventions.select import LOCATE, Candidate, candidates, random_like, suggest, suspect_position
@@ -76,19 +75,21 @@ class StepPlan:
 def plan_step(att: Attributor, classifier: StepClassifier, record: Record, step_index: int, cfg: InterventionConfig,
               rng: np.random.Generator) -> StepPlan:
     """Score a step with the verifier and choose the features of each arm (one forward pass)."""
-    tr, enc = att.trace_record(record)
-    fp = fingerprint(tr.graph(pos=step_position(enc, step_index, "last"), step_index=step_index))
+    steps = att.record_steps(record)
+    tr, enc = steps.shared, steps.encoding
+    target = classifier.meta.get("provenance", {}).get("attribution", {}).get("step_target", "last")  # the graph the classifier was trained on
+    fp = steps.step(step_index, target).fingerprint
     p = float(classifier.predict_proba(pd.DataFrame([fp]))[0, 1])
     if cfg.positions == "suspect":
         sug = suggest(att, record, step_index, cfg.k, cfg.locate, trace=(tr, enc))
         pos, suppress, amplify, active = sug.position, sug.suppress, sug.amplify, sug.active
     else:  # candidates from every position of the step
-        pos = suspect_position(enc, step_index, tr.cap.logits, record.task, cfg.locate)
+        pos = suspect_position(enc, step_index, tr.logits, record.task, cfg.locate)
         first, end = enc.spans[step_index][0] - 1, enc.last(step_index)  # first predicts the step's first token
         cands = candidates(tr.graph(pos=pos, step_index=step_index), first)
         suppress = [c for c in cands if c.effect > 0][: cfg.k]
         amplify = [c for c in reversed(cands) if c.effect < 0][: cfg.k]
-        feats = tr.lin.features
+        feats = tr.active_features
         in_step = (feats.pos >= first) & (feats.pos <= end)
         active = list(zip(feats.layer[in_step].tolist(), feats.feat[in_step].tolist()))
     return StepPlan(record, step_index, p, pos, suppress, amplify, random_like(suppress, active, rng),

@@ -137,9 +137,9 @@ def suggest(att: Attributor, record: Record, step_index: int, k: int = 3, locate
     if not 0 <= step_index < len(record.steps):
         raise ValueError(f"step index {step_index} out of range 0..{len(record.steps) - 1}")
     tr, enc = trace if trace is not None else att.trace_record(record)
-    pos = suspect_position(enc, step_index, tr.cap.logits, record.task, locate)
+    pos = suspect_position(enc, step_index, tr.logits, record.task, locate)
     cands = candidates(tr.graph(pos=pos, step_index=step_index), pos)
-    feats = tr.lin.features
+    feats = tr.active_features
     at = feats.pos == pos
     return Suggestion(pos, [c for c in cands if c.effect > 0][:k], [c for c in reversed(cands) if c.effect < 0][:k],
                       list(zip(feats.layer[at].tolist(), feats.feat[at].tolist())))

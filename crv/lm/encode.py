@@ -36,6 +36,7 @@ class EncodedTrace:
     offsets: tuple[tuple[int, int], ...]  # per token: characters [start, end) of ``text`` ((0, 0) for BOS)
     text: str
     step_chars: tuple[tuple[int, int], ...]
+    add_bos: bool = True  # the tokenizer's BOS was put first (the text holds no specials of its own)
 
     @property
     def n_tokens(self) -> int:
@@ -64,6 +65,28 @@ def tokenize(tokenizer: PreTrainedTokenizerFast, text: str, add_bos: bool = True
     if add_bos and tokenizer.bos_token_id is not None:
         ids, offsets = [tokenizer.bos_token_id] + ids, [(0, 0)] + offsets
     return ids, offsets  # type: ignore[return-value]
+
+
+def lead_token(tokenizer: PreTrainedTokenizerFast) -> int | None:
+    """The special token put before a sequence that does not start with one, as circuit-tracer 0.5.0's
+    ``ensure_tokenized`` picks it: the first of BOS, PAD, EOS, then every special id, that is not None
+    (nor 0: it filters with ``filter(None, ...)``)."""
+    candidates = [tokenizer.bos_token_id, tokenizer.pad_token_id, tokenizer.eos_token_id, *tokenizer.all_special_ids]
+    return next(filter(None, candidates), None)
+
+
+def with_lead(tokenizer: PreTrainedTokenizerFast, ids: list[int], offsets: list[tuple[int, int]]
+              ) -> tuple[list[int], list[tuple[int, int]]]:
+    """``ids`` as attribution reads them: position 0 is a special token whose features and error are left out
+    (circuit-tracer's convention), so a sequence starting with ordinary text gets :func:`lead_token` first,
+    exactly as circuit-tracer prepends it (a BOS-less Qwen in the plain format, a chat template starting with text)."""
+    if ids and ids[0] in tokenizer.all_special_ids:
+        return ids, offsets
+    lead = lead_token(tokenizer)
+    if lead is None:
+        raise ValueError("the tokenizer has no special token to put before the text (circuit-tracer would leave "
+                         "the first token out); give it a BOS, PAD or EOS token")
+    return [lead] + ids, [(0, 0)] + offsets
 
 
 def encode_text(tokenizer: PreTrainedTokenizerFast, text: str, add_bos: bool = True) -> list[int]:
@@ -95,9 +118,21 @@ class TraceEncoder:
         return render(self.format, task, question, steps)
 
     def encode_rendered(self, r: RenderedTrace) -> EncodedTrace:
-        ids, offsets = tokenize(self.tokenizer, r.text, add_bos=r.add_bos)
+        """A rendered trace as attribution reads it (:func:`with_lead`: a special token at position 0)."""
+        ids, offsets = with_lead(self.tokenizer, *tokenize(self.tokenizer, r.text, add_bos=r.add_bos))
         return EncodedTrace(torch.tensor(ids, dtype=torch.long), spans_of(offsets, r.step_chars), tuple(offsets),
-                            r.text, r.step_chars)
+                            r.text, r.step_chars, r.add_bos)
+
+    def encode_prefix(self, trace: EncodedTrace, k: int) -> EncodedTrace:
+        """Step ``k``'s prefix as the paper tokenizes it: ``tok(text[:end_k])`` on its own (the text up to the
+        end of step ``k``, its newline excluded), with the spans of steps ``0..k``.
+
+        On tokenizers whose pre-tokenizer joins punctuation with the following newline (Llama-3, Qwen2:
+        ``?[^\\s\\p{L}\\p{N}]+[\\r\\n]*``) the whole trace's ids end step ``k`` with e.g. ``").\\n"`` where the
+        prefix ends with ``")."``: the graph must be computed on the prefix's own ids.
+        """
+        end = trace.step_chars[k][1]
+        return self.encode_rendered(RenderedTrace(trace.text[:end], trace.step_chars[: k + 1], trace.add_bos))
 
     def encode(self, task: str, question: str, steps: Sequence[str]) -> EncodedTrace:
         """The trace as the model reads it, with every step's token span (a step may span several lines)."""
@@ -123,4 +158,5 @@ class TraceEncoder:
 def trace_encoder(tokenizer: PreTrainedTokenizerFast, model_dir=None, prompt_format: str | None = None) -> TraceEncoder:  # type: ignore[no-untyped-def]
     """A model's encoder: its tokenizer and ``prompt_format`` (default: the model's own, see :mod:`crv.lm.prompt`)."""
     notes = model_notes(model_dir) if model_dir is not None else {}
-    return TraceEncoder(tokenizer, make_format(prompt_format or default_format_name(tokenizer, notes), tokenizer))
+    name = prompt_format or default_format_name(tokenizer, notes)
+    return TraceEncoder(tokenizer, make_format(name, tokenizer, notes.get("chat") if name == "chat" else None))

@@ -54,15 +54,18 @@ def instruction(task: str) -> str:
     return INSTRUCTIONS.get(task, GENERIC_INSTRUCTION)
 
 
-def chat_messages(task: str, question: str, system: str | None = None) -> list[dict[str, str]]:
+def chat_messages(task: str, question: str, system: str | None = None, example: bool = True,
+                  instruct: bool = True) -> list[dict[str, str]]:
     """The chat turns before the assistant's steps: for crv's synthetic tasks a worked example first
-    (one user / assistant exchange in crv's step format), then user = instruction + question."""
+    (one user / assistant exchange in crv's step format; ``example=False`` leaves it out), then
+    user = instruction + question (``instruct=False``: the question alone, for a model fine-tuned on the format)."""
     messages = [] if system is None else [{"role": "system", "content": system}]
-    if task in _EXAMPLE:
+    if example and task in _EXAMPLE:
         q, steps, a = _EXAMPLE[task]
         messages += [{"role": "user", "content": f"{instruction(task)}\n\n{QUESTION_PREFIX}{q}"},
                      {"role": "assistant", "content": "".join(s + "\n" for s in steps) + ANSWER_PREFIX + a}]
-    messages.append({"role": "user", "content": f"{instruction(task)}\n\n{QUESTION_PREFIX}{question}"})
+    user = f"{instruction(task)}\n\n{QUESTION_PREFIX}{question}" if instruct else f"{QUESTION_PREFIX}{question}"
+    messages.append({"role": "user", "content": user})
     return messages
 
 
@@ -116,6 +119,8 @@ class ChatFormat:
 
     tokenizer: PreTrainedTokenizerBase
     system: str | None = None  # None: the template's default system turn, if it has one
+    example: bool = True  # a worked example as the first exchange (crv's synthetic tasks)
+    instruct: bool = True  # the task's instruction before the question in the user turn
     name: str = "chat"
 
     def __post_init__(self) -> None:
@@ -123,8 +128,9 @@ class ChatFormat:
             raise ValueError("the tokenizer has no chat template; use the 'plain' prompt format")
 
     def prompt(self, task: str, question: str) -> str:
-        return self.tokenizer.apply_chat_template(chat_messages(task, question, self.system), tokenize=False,
-                                                  add_generation_prompt=True)
+        return self.tokenizer.apply_chat_template(
+            chat_messages(task, question, self.system, self.example, self.instruct), tokenize=False,
+            add_generation_prompt=True, date_string=TEMPLATE_DATE)
 
     @property
     def add_bos(self) -> bool:
@@ -133,13 +139,26 @@ class ChatFormat:
 
 PROMPT_FORMATS = ("plain", "chat")
 
+#: the date a chat template that calls ``strftime_now`` / reads ``date_string`` writes (pinned: the same
+#: trace must give the same text, and so the same graph, on any day)
+TEMPLATE_DATE = "26 Jul 2024"
 
-def make_format(name: str, tokenizer: PreTrainedTokenizerBase) -> PromptFormat:
-    """A prompt format by name (``plain`` or ``chat``)."""
+#: the chat options of a model fine-tuned on crv's format (``crv finetune``): a one-line system turn,
+#: no worked example, the question alone in the user turn
+SHORT_CHAT = {"system": "Reason step by step.", "example": False, "instruct": False}
+
+
+def make_format(name: str, tokenizer: PreTrainedTokenizerBase, chat: dict | None = None) -> PromptFormat:
+    """A prompt format by name (``plain`` or ``chat``); ``chat``: :class:`ChatFormat` options
+    (``system``, ``example``, ``instruct``), as a model's ``crv_model.json`` stores them."""
     if name == "plain":
         return PlainFormat()
     if name == "chat":
-        return ChatFormat(tokenizer)
+        opts = dict(chat or {})
+        unknown = set(opts) - {"system", "example", "instruct"}
+        if unknown:
+            raise ValueError(f"unknown chat option(s) {sorted(unknown)}; known: system, example, instruct")
+        return ChatFormat(tokenizer, **opts)
     raise ValueError(f"unknown prompt format {name!r}; choose from {', '.join(PROMPT_FORMATS)}")
 
 
