@@ -88,7 +88,7 @@ def cap_table(att: Attributor, args: argparse.Namespace) -> tuple[dict, dict]:
 
     peer = None
     if not args.no_peer:
-        from crv.attribution.peer import CircuitTracerPeer
+        from crv.testing.peer import CircuitTracerPeer
         from crv.lm.load import DEFAULT_MODEL_DIR
         from crv.transcoders.io import DEFAULT_TRANSCODER_DIR
 
@@ -168,7 +168,7 @@ def main() -> None:
     cfg = att.config
     peer = None
     if not args.no_peer:
-        from crv.attribution.peer import CircuitTracerPeer, compare_graphs
+        from crv.testing.peer import CircuitTracerPeer, compare_graphs
         from crv.lm.load import DEFAULT_MODEL_DIR
         from crv.transcoders.io import DEFAULT_TRANSCODER_DIR
 

@@ -65,7 +65,7 @@ def main() -> None:
     n_steps = sum(len(r.steps) for r in recs)
     print(f"{len(recs)} traces with steps, {n_steps} steps; first: {recs[0].steps} labels {recs[0].labels}", flush=True)
 
-    from crv.attribution.peer import CircuitTracerPeer, compare_graphs
+    from crv.testing.peer import CircuitTracerPeer, compare_graphs
 
     peer = CircuitTracerPeer.load(args.model, args.transcoders) if args.peer_graphs else None
     old = json.loads(args.out.read_text()) if args.out.is_file() else {}

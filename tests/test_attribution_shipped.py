@@ -1,10 +1,12 @@
 """The attribution engine on the shipped reasoner + transcoders (and against circuit-tracer when installed)."""
 
 import pytest
+
+from crv.testing.peer import require_circuit_tracer
 import torch
 
 from crv.attribution.attributor import Attributor
-from crv.attribution.checks import completeness
+from crv.testing.checks import completeness
 from crv.attribution.engine import AttributionConfig, TraceAttribution
 from crv.tasks.cot import generate_problems
 from crv.tasks.label import label_output
@@ -48,8 +50,8 @@ def test_shipped_step_graphs_equal_prefix_graphs(att, record):
 
 
 def test_same_graph_as_circuit_tracer(att, record):
-    pytest.importorskip("circuit_tracer", reason="peer extra not installed (pip install -e '.[peer]')")
-    from crv.attribution.peer import CircuitTracerPeer, compare_graphs
+    require_circuit_tracer()
+    from crv.testing.peer import CircuitTracerPeer, compare_graphs
     from crv.lm.load import DEFAULT_MODEL_DIR
     from crv.transcoders.io import DEFAULT_TRANSCODER_DIR
 

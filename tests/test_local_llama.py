@@ -1,10 +1,12 @@
 """A user's own Llama + circuit-tracer-format transcoders on disk: the same code path, on a tiny GQA stand-in."""
 
 import pytest
+
+from crv.testing.peer import require_circuit_tracer
 import torch
 
 from crv.attribution.attributor import Attributor
-from crv.attribution.checks import completeness
+from crv.testing.checks import completeness
 from crv.attribution.engine import AttributionConfig
 from crv.tasks.cot import generate_problems
 from crv.tasks.label import label_output
@@ -49,9 +51,9 @@ def test_mismatched_transcoders_are_refused(local_dirs, tmp_path):
 
 
 def test_local_llama_matches_circuit_tracer(local_dirs):
-    pytest.importorskip("circuit_tracer", reason="peer extra not installed (pip install -e '.[peer]')")
+    require_circuit_tracer()
     from crv.attribution.engine import TraceAttribution
-    from crv.attribution.peer import CircuitTracerPeer, compare_graphs
+    from crv.testing.peer import CircuitTracerPeer, compare_graphs
 
     model_dir, tc_dir = local_dirs
     att = Attributor.load(model_dir, tc_dir)
@@ -60,4 +62,4 @@ def test_local_llama_matches_circuit_tracer(local_dirs):
     for cap in (None, 50):
         cfg = AttributionConfig(max_feature_nodes=cap)
         report = compare_graphs(TraceAttribution(att.model, att.transcoders, ids, cfg).graph(), peer.graph(ids, cfg))
-        assert report.same_nodes and report.max_rel_diff <= 1e-4, (cap, report)
+        assert report.ok(), (cap, report)

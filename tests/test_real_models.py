@@ -5,6 +5,8 @@ import json
 from pathlib import Path
 
 import pytest
+
+from crv.testing.peer import require_circuit_tracer
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
@@ -13,7 +15,7 @@ from transformers import (
 )
 
 from crv.attribution.attributor import Attributor, step_position
-from crv.attribution.checks import completeness
+from crv.testing.checks import completeness
 from crv.attribution.engine import AttributionConfig, TraceAttribution
 from crv.lm.encode import TraceEncoder, UnknownCharacterError
 from crv.lm.families import UnsupportedModelError
@@ -150,8 +152,8 @@ def test_qwen_stand_ins_give_complete_graphs(family, tmp_path):
 
 
 def test_qwen3_stand_in_matches_circuit_tracer(tmp_path):
-    pytest.importorskip("circuit_tracer", reason="peer extra not installed (pip install -e '.[peer]')")
-    from crv.attribution.peer import CircuitTracerPeer, compare_graphs
+    require_circuit_tracer()
+    from crv.testing.peer import CircuitTracerPeer, compare_graphs
 
     tok = build_tokenizer()  # circuit-tracer detects BOS by id (not 0): the char-level one has BOS = 1
     model_dir, tc_dir = _tiny(tmp_path, "qwen3", Qwen3Config(**_shape(tok, tie_word_embeddings=True)),
@@ -163,7 +165,7 @@ def test_qwen3_stand_in_matches_circuit_tracer(tmp_path):
     for cap in (None, 50):
         cfg = AttributionConfig(max_feature_nodes=cap)
         report = compare_graphs(TraceAttribution(att.model, att.transcoders, ids, cfg).graph(), peer.graph(ids, cfg))
-        assert report.same_nodes and report.max_rel_diff <= 1e-4, (cap, report)
+        assert report.ok(), (cap, report)
 
 
 def test_unsupported_families_are_refused_with_the_supported_list(tmp_path):
@@ -243,10 +245,10 @@ def test_smollm2_writes_steps_and_every_graph_matches_circuit_tracer(smollm2):
     trace = att.encode_record(rec)
     assert graphs[-1].n_pos == trace.last(len(rec.steps) - 1) + 1
     # the peer: the last step's prefix, as text through the public API
-    pytest.importorskip("circuit_tracer", reason="peer extra not installed (pip install -e '.[peer]')")
-    from crv.attribution.peer import CircuitTracerPeer, compare_graphs
+    require_circuit_tracer()
+    from crv.testing.peer import CircuitTracerPeer, compare_graphs
 
     peer = CircuitTracerPeer.load(model_dir, tc_dir)
     ids = trace.ids[: trace.last(len(rec.steps) - 1) + 1]
     report = compare_graphs(TraceAttribution(att.model, att.transcoders, ids, att.config).graph(), peer.graph(ids, att.config))
-    assert report.same_nodes and report.max_rel_diff <= 1e-4, report
+    assert report.ok(), report

@@ -7,11 +7,13 @@ circuit-tracer 0.5.0 (its own activation: unpatched for relu / jumprelu, its Top
 from pathlib import Path
 
 import pytest
+
+from crv.testing.peer import require_circuit_tracer
 import torch
 import yaml
 
 from crv.attribution.attributor import Attributor
-from crv.attribution.checks import completeness
+from crv.testing.checks import completeness
 from crv.attribution.engine import AttributionConfig, TraceAttribution
 from crv.lm.load import load_model
 from crv.transcoders.activation_functions import JumpReLU, ReLU, TopK, TopKReLU
@@ -50,8 +52,8 @@ FORMATS = [("topk", False), ("topk_relu", False), ("relu", False), ("jumprelu", 
 
 @pytest.mark.parametrize("activation,skip", FORMATS)
 def test_every_format_gives_circuit_tracers_graph(tiny_gqa_llama_dir, tmp_path, activation, skip):
-    pytest.importorskip("circuit_tracer", reason="peer extra not installed (pip install -e '.[peer]')")
-    from crv.attribution.peer import CircuitTracerPeer, compare_graphs
+    require_circuit_tracer()
+    from crv.testing.peer import CircuitTracerPeer, compare_graphs
 
     tc_dir = make_set(tmp_path / "tc", activation, skip)
     att = Attributor.load(tiny_gqa_llama_dir, tc_dir)
@@ -67,7 +69,7 @@ def test_every_format_gives_circuit_tracers_graph(tiny_gqa_llama_dir, tmp_path, 
         cfg = AttributionConfig(max_feature_nodes=cap)
         mine = TraceAttribution(att.model, att.transcoders, ids, cfg).graph()
         report = compare_graphs(mine, peer.graph(ids, cfg))
-        assert report.same_nodes and report.max_rel_diff <= 1e-4, (activation, skip, cap, report)
+        assert report.ok(), (activation, skip, cap, report)
 
 
 def _write_config(path: Path, **changes) -> None:
@@ -110,13 +112,18 @@ def test_config_reading_rules():
     assert read_format({}, cfg_path, thresh).activation == "jumprelu"
     assert read_format({}, cfg_path, plain).activation == "relu"
     assert read_format({"activation": "jump_relu"}, cfg_path, thresh).activation == "jumprelu"
-    assert read_format({"activation": "topk", "k": 4, "crv": {}}, cfg_path, plain).activation == "topk_relu"
+    # a `crv` entry (crv's training record) never changes an explicit activation
+    assert read_format({"activation": "topk", "k": 4, "crv": {}}, cfg_path, plain).activation == "topk"
+    assert read_format({"activation": "topk_relu", "k": 4, "crv": {}}, cfg_path, plain).activation == "topk_relu"
+    # an integer k tensor in the files gives k (and TopK) where the config says nothing
+    assert (read_format({}, cfg_path, plain, file_k=7).activation, read_format({}, cfg_path, plain, file_k=7).k) == ("topk", 7)
     refusals = [
         ({"model_kind": "cross_layer_transcoder"}, plain, "cross-layer"),
         ({"activation": "jumprelu"}, plain, "needs activation_function.threshold"),
         ({"activation": "relu"}, thresh, "set activation: jumprelu"),
         ({"activation": "gelu"}, plain, "not one crv reads"),
         ({"feature_input_hook": "hook_resid_mid"}, plain, "mlp.hook_in"),
+        ({"feature_input_hook": "ln2.hook_normalized"}, plain, "before the post-attention norm's gain"),
         ({"feature_output_hook": "hook_resid_post"}, plain, "mlp.hook_out"),
         ({}, [{"W_enc", "W_dec", "b_enc"}] * 2, "lacks b_dec"),
         ({}, [plain[0], plain[0] | {"W_skip"}], "disagree"),
@@ -124,6 +131,25 @@ def test_config_reading_rules():
     for cfg, names, message in refusals:
         with pytest.raises(TranscoderFormatError, match=message):
             read_format(cfg, cfg_path, names)
+
+
+def test_a_k_tensor_in_the_files_is_read_as_k(tiny_gqa_llama_dir, tmp_path):
+    """Files saved from a state_dict carry TopK's k as an int64 tensor: read, not refused, and the graph is unchanged."""
+    from safetensors.torch import load_file, save_file
+
+    tc_dir = make_set(tmp_path / "tc", "topk", skip=False)
+    model, _ = load_model(tiny_gqa_llama_dir)
+    ids = Attributor.load(tiny_gqa_llama_dir, tc_dir).encode(TEXT)
+    before = TraceAttribution(model, load_transcoders(tc_dir, model=model), ids).graph()
+    _write_config(tc_dir, k=None, activation=None)
+    for f in tc_dir.glob("layer_*.safetensors"):
+        save_file({**load_file(f), "k": torch.tensor(K, dtype=torch.int64)}, str(f))
+    ts = load_transcoders(tc_dir, model=model)
+    assert (ts.format.activation, ts.format.k) == ("topk", K) and "k tensor" in " ".join(ts.format.notes)
+    assert torch.equal(TraceAttribution(model, ts, ids).graph().adjacency, before.adjacency)
+    save_file({**load_file(tc_dir / "layer_1.safetensors"), "k": torch.tensor(K + 1)}, str(tc_dir / "layer_1.safetensors"))
+    with pytest.raises(ValueError, match="disagree on k"):
+        load_transcoders(tc_dir, model=model)
 
 
 def test_lazy_loader_reads_only_active_decoder_rows(tiny_gqa_llama_dir, tmp_path, monkeypatch):

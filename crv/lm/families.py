@@ -87,4 +87,17 @@ def check_supported(config) -> ModelFamily:  # type: ignore[no-untyped-def]
         t not in ("full_attention", "sliding_attention") for t in config.layer_types
     ):
         raise UnsupportedModelError(f"{config.model_type}: layer types {config.layer_types} are not all attention layers")
+    rope = getattr(config, "rope_scaling", None) or {}
+    rope_type = rope.get("rope_type", rope.get("type")) if isinstance(rope, dict) else None
+    if rope_type in LENGTH_DEPENDENT_ROPE:
+        raise UnsupportedModelError(
+            f"{config.model_type} with rope_type {rope_type!r}: its rotary frequencies depend on the length of the forward "
+            "pass (transformers recomputes them from the longest position), so one forward per trace is not the graph of "
+            "each step's prefix once a trace passes original_max_position_embeddings. Use a checkpoint with a static "
+            "rope type (default, linear, llama3, yarn) or set rope_scaling to null in config.json if your traces stay "
+            "within the original context.")
     return fam
+
+
+#: rope types whose frequencies transformers recomputes from the sequence length
+LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")

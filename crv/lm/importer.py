@@ -71,7 +71,11 @@ def import_model(source: str | Path, out: str | Path, dtype: torch.dtype = torch
     if end is not None and end in tok.get_vocab() and tok.eos_token != end:
         fixes.append(f"eos_token {tok.eos_token!r} -> {end!r} (the token that ends the assistant turn)")
         tok.eos_token = end
-        model.generation_config.eos_token_id = tok.convert_tokens_to_ids(end)
+        end_id = tok.convert_tokens_to_ids(end)
+        before = model.generation_config.eos_token_id
+        # a list of stop ids (Llama-3: <|end_of_text|>, <|eom_id|>, <|eot_id|>) is kept, the turn end added to it
+        model.generation_config.eos_token_id = (list(before) + [end_id] * (end_id not in before)
+                                                if isinstance(before, (list, tuple)) else end_id)
         model.config.eos_token_id = model.generation_config.eos_token_id
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

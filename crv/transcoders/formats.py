@@ -10,9 +10,14 @@ does, a threshold tensor means ``jumprelu`` and anything else ``relu`` -- unless
 :data:`KNOWN_SETS` (the CRV 8B set is TopK, k=128, and its config says neither) or the config
 gives ``k`` (then ``topk``). What was inferred is kept in :attr:`TranscoderFormat.notes`.
 
-Hooks: crv's engine reads features from the MLP input (``mlp.hook_in``; ``ln2.hook_normalized``
-is the same point) and writes to the MLP output (``mlp.hook_out`` / ``hook_mlp_out``). Other
-hooks and cross-layer transcoders are refused with the reason.
+Hooks: crv's engine reads features from the MLP input (``mlp.hook_in``: the post-attention
+norm's output ``w * x / rms(x)``) and writes to the MLP output (``mlp.hook_out`` / ``hook_mlp_out``).
+``ln2.hook_normalized`` is refused: in TransformerLens (circuit-tracer loads models with
+``fold_ln=False``) it is ``x / rms(x)`` *before* the gain ``w``, another point. Other hooks and
+cross-layer transcoders are refused with the reason too.
+
+``k``: the config's ``k``, else an integer tensor ``k`` in the layer files (sets saved from a
+``state_dict`` carry one), else a known set's. An explicit ``activation`` is always taken as written.
 """
 
 from __future__ import annotations
@@ -22,7 +27,15 @@ from pathlib import Path
 
 from crv.transcoders.activation_functions import ACTIVATIONS, ALIASES, NEEDS_K
 
-INPUT_HOOKS = ("mlp.hook_in", "ln2.hook_normalized")
+INPUT_HOOKS = ("mlp.hook_in",)
+#: input hooks crv knows and refuses, with the reason and the fix
+REFUSED_INPUT_HOOKS = {
+    "ln2.hook_normalized": (
+        "in TransformerLens (circuit-tracer loads with fold_ln=False) ln2.hook_normalized is x / rms(x) before the "
+        "post-attention norm's gain w, while crv's engine reads mlp.hook_in = w * x / rms(x). Fold the gain into the "
+        "encoder once (W_enc[:, j] /= w[j], W_skip[:, j] /= w[j] likewise) and set feature_input_hook: mlp.hook_in"),
+}
+K_TENSOR = "k"  # an integer tensor holding k (state_dict-style files)
 OUTPUT_HOOKS = ("mlp.hook_out", "hook_mlp_out")
 THRESHOLD = "activation_function.threshold"
 SKIP = "W_skip"
@@ -86,9 +99,10 @@ def _missing_k_message(config_path: Path, activation: str) -> str:
 
 
 def read_format(
-    config: dict, config_path: Path, tensor_names: list[set[str]], k: int | None = None
+    config: dict, config_path: Path, tensor_names: list[set[str]], k: int | None = None, file_k: int | None = None
 ) -> TranscoderFormat:
-    """The format of a set from its config and each layer file's tensor names (``k`` overrides the config)."""
+    """The format of a set from its config and each layer file's tensor names (``k`` overrides the config;
+    ``file_k``: the value of an integer ``k`` tensor in the layer files, if they hold one)."""
     kind = config.get("model_kind", "transcoder_set")
     if kind == "cross_layer_transcoder":
         raise TranscoderFormatError(
@@ -115,16 +129,13 @@ def read_format(
         activation = ALIASES.get(str(raw).lower(), str(raw).lower())
         if activation not in ACTIVATIONS:
             raise TranscoderFormatError(f"{config_path}: activation {raw!r} is not one crv reads ({', '.join(ACTIVATIONS)})")
-        if activation == "topk" and "crv" in config:
-            activation = "topk_relu"  # sets crv trained before the topk / topk_relu split: always TopK + ReLU
-            notes.append("a crv-trained set that says topk: TopK + ReLU, as crv trains")
     elif has_threshold[0]:
         activation = "jumprelu"
         notes.append("activation inferred from the threshold tensor")
     elif known is not None:
         activation = known.activation
         notes.append(f"activation from the known set {known.repo}")
-    elif "k" in config:
+    elif "k" in config or file_k is not None:
         activation = "topk"
         notes.append("activation inferred from 'k' in the config")
     else:
@@ -138,6 +149,9 @@ def read_format(
     if activation in NEEDS_K:
         if k is None:
             k = config.get("k")
+            if k is None and file_k is not None:
+                k = file_k
+                notes.append(f"k={k} from the layer files' k tensor")
             if k is None and known is not None and known.k is not None:
                 k = known.k
                 notes.append(f"k={k} from the known set {known.repo}")
@@ -149,6 +163,8 @@ def read_format(
         k = None
     in_hook = config.get("feature_input_hook", "mlp.hook_in")
     out_hook = config.get("feature_output_hook", "mlp.hook_out")
+    if in_hook in REFUSED_INPUT_HOOKS:
+        raise TranscoderFormatError(f"{config_path}: feature_input_hook {in_hook!r} is refused: {REFUSED_INPUT_HOOKS[in_hook]}.")
     if in_hook not in INPUT_HOOKS:
         raise TranscoderFormatError(
             f"{config_path}: feature_input_hook {in_hook!r} is not supported. crv's engine reads transcoder features from "

@@ -28,7 +28,9 @@ import yaml
 from safetensors.torch import save_file
 
 from crv.transcoders.activation_functions import JumpReLU, make_activation
-from crv.transcoders.formats import REQUIRED, SKIP, THRESHOLD, TranscoderFormat, TranscoderFormatError, read_format
+from crv.transcoders.formats import (
+    K_TENSOR, REQUIRED, SKIP, THRESHOLD, TranscoderFormat, TranscoderFormatError, read_format,
+)
 from crv.transcoders.safetensors_file import SafetensorsError, SafetensorsFile, file_identity
 from crv.transcoders.transcoder import Transcoder
 
@@ -217,7 +219,7 @@ class TranscoderSet:
             self.files = [SafetensorsFile(p) for p in paths]
         except SafetensorsError as e:
             raise TranscoderLoadError(str(e)) from None
-        self.format = read_format(config, config_path, [set(f.tensors) for f in self.files], k)
+        self.format = read_format(config, config_path, [set(f.tensors) for f in self.files], k, self._file_k())
         dtc, dm = self.files[0].info("W_enc").shape
         self.shape = SetShape(d_model=dm, d_transcoder=dtc, n_layers=len(self.files))
         if self.format.k is not None and not 0 < self.format.k <= dtc:
@@ -230,6 +232,21 @@ class TranscoderSet:
         self.resident = weight_bytes <= RESIDENT_LIMIT if resident is None else resident
         self._layers: dict[int, FileTranscoder] = {}
         self._checksum: str | None = None
+
+    def _file_k(self) -> int | None:
+        """The value of the layer files' integer ``k`` tensor, if every file holds the same one."""
+        values = set()
+        for f in self.files:
+            if K_TENSOR not in f:
+                return None
+            t = f.read(K_TENSOR)
+            if t.is_floating_point() or t.numel() != 1:
+                raise TranscoderLoadError(f"{f.path}: tensor {K_TENSOR!r} should be one integer (TopK's k), got "
+                                          f"{t.dtype} of shape {tuple(t.shape)}")
+            values.add(int(t.item()))
+        if len(values) > 1:
+            raise TranscoderLoadError(f"{self.path}: layer files disagree on k ({sorted(values)})")
+        return values.pop()
 
     def _resolve(self, name: str) -> Path:
         if name.startswith("hf://"):

@@ -28,6 +28,8 @@ DTYPES: dict[str, tuple[torch.dtype, type]] = {
     "F16": (torch.float16, np.float16),
     "BF16": (torch.bfloat16, np.uint16),  # numpy has no bfloat16: read the bits, view them in torch
     "F64": (torch.float64, np.float64),
+    "I64": (torch.int64, np.int64),  # e.g. a ``k`` tensor in a state_dict-style transcoder file
+    "I32": (torch.int32, np.int32),
 }
 
 

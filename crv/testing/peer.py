@@ -5,14 +5,21 @@
     report = compare_graphs(crv_graph, peer.graph(ids, config))
 
 The library never needs circuit-tracer; this module imports it lazily and is
-used by the peer tests and ``benchmarks/attribution.py``. Facts it relies on:
-circuit-tracer 0.5.0's ``load_transcoder_set`` picks JumpReLU when a file holds
-``activation_function.threshold`` and ReLU otherwise, whatever the config says; so
-``relu`` and ``jumprelu`` sets (with or without ``W_skip``) run on circuit-tracer as
-it loads them, unpatched. A ``topk`` set gets circuit-tracer's own ``TopK`` class (its
-hub loader does the same for the CRV 8B set). Only ``topk_relu`` -- crv's own trained
-sets -- has no circuit-tracer activation; there, and only there, each transcoder gets
-:class:`TopKReLU`. Its nnsight backend loads a local Llama directory without the hub.
+used by the peer tests and the benchmarks. Facts it relies on (circuit-tracer 0.5.0):
+``load_transcoder_set`` picks JumpReLU when a file holds ``activation_function.threshold``
+and ReLU otherwise, whatever the config says, and none of its loaders ever builds its
+``TopK`` class; so ``relu`` and ``jumprelu`` sets (with or without ``W_skip``) run on
+circuit-tracer as it loads them, unpatched, while an unpatched circuit-tracer runs a
+``topk`` set as ReLU. Here a ``topk`` set gets circuit-tracer's own ``TopK`` class
+(``x * gate``: the k largest, no ReLU, as the CRV authors' scripts set it for their
+8B set) and ``topk_relu`` (crv's own trained sets) gets :class:`TopKReLU`. The nnsight
+backend loads a local Llama directory without the hub.
+
+Comparison is entry-wise (:func:`compare_graphs`): the same nodes in the same order, and
+every adjacency entry within ``rtol * |B_ij| + row_atol * max_j |B_ij|`` of the peer's ``B_ij``.
+The floor is per row: an edge is a float32 sum whose rounding error follows the largest terms of
+its row (a 0.002 edge in a row whose largest edge is 475 carries ~1e-5 of cancellation error in
+both implementations), while a small edge that is wrong by more than 1e-6 of its row's scale fails.
 
 Deliberate difference, none in the numbers: crv keeps the BOS position's MLP
 output as a constant (no error node, no features at position 0), exactly as
@@ -33,6 +40,20 @@ from torch import nn
 from crv.attribution.engine import AttributionConfig
 from crv.attribution.graph import Graph
 from crv.transcoders.io import TranscoderSet
+
+
+def require_circuit_tracer() -> None:
+    """Skip the calling test when circuit-tracer is not installed -- except under ``CI=true``, where a missing
+    oracle is a failure (CI must run every comparison; ``make test`` installs the ``peer`` extra)."""
+    import importlib.util
+
+    import pytest
+
+    if importlib.util.find_spec("circuit_tracer") is not None:
+        return
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail("circuit-tracer is not installed, and under CI=true every peer check must run: pip install -e '.[peer]'")
+    pytest.skip("peer extra not installed (pip install -e '.[peer]')")
 
 
 class TopKReLU(nn.Module):
@@ -58,16 +79,24 @@ class PeerGraph:
     seconds: float
 
 
+#: entry-wise tolerances of a peer comparison: |A_ij - B_ij| <= RTOL * |B_ij| + ROW_ATOL * max_j |B_ij|
+#: (float32 sums; the row-scaled floor covers entries that cancel to near 0 in both implementations)
+RTOL, ROW_ATOL = 1e-4, 1e-6
+
+
 @dataclass
 class PeerComparison:
-    """How a crv graph and a circuit-tracer graph of the same prompt differ."""
+    """How a crv graph and a circuit-tracer graph of the same prompt differ (entry-wise)."""
 
-    same_nodes: bool  # same active features, selected features and logit tokens
+    same_nodes: bool  # same active features, selected features and logit tokens, in the same order
     max_abs_diff: float
-    max_rel_diff: float  # max |A - B| / max |B|
+    max_rel_diff: float  # max over entries of |A_ij - B_ij| / (RTOL |B_ij| + ROW_ATOL max_j |B_ij|) * RTOL
+    mismatched: int  # entries outside the tolerance
+    rtol: float = RTOL
+    row_atol: float = ROW_ATOL
 
-    def ok(self, tol: float = 1e-4) -> bool:
-        return self.same_nodes and self.max_rel_diff <= tol
+    def ok(self) -> bool:
+        return self.same_nodes and self.mismatched == 0
 
 
 class CircuitTracerPeer:
@@ -110,8 +139,9 @@ class CircuitTracerPeer:
         rm = ReplacementModel.from_pretrained_and_transcoders(str(model_dir), ts, backend="nnsight", device=cpu, dtype=torch.float32)
         return cls(rm)
 
-    def graph(self, ids: torch.Tensor, config: AttributionConfig = AttributionConfig()) -> PeerGraph:
-        """circuit-tracer's attribution graph of the last position of ``ids`` at crv's settings."""
+    def graph(self, ids: torch.Tensor | str, config: AttributionConfig = AttributionConfig()) -> PeerGraph:
+        """circuit-tracer's attribution graph of the last position of ``ids`` (or of a prompt string, which
+        circuit-tracer tokenizes itself) at crv's settings."""
         from circuit_tracer import attribute
 
         start = time.perf_counter()
@@ -135,8 +165,9 @@ class CircuitTracerPeer:
         )
 
 
-def compare_graphs(mine: Graph, peer: PeerGraph) -> PeerComparison:
-    """Node sets must be identical; edges are compared relative to the largest peer edge."""
+def compare_graphs(mine: Graph, peer: PeerGraph, rtol: float = RTOL, row_atol: float = ROW_ATOL) -> PeerComparison:
+    """Node lists must be identical; every adjacency entry must satisfy
+    ``|A_ij - B_ij| <= rtol * |B_ij| + row_atol * max_j |B_ij|`` (see the module docstring)."""
     same = (
         torch.equal(mine.active_features.long(), peer.active_features.long())
         and torch.equal(mine.selected_features.long(), peer.selected_features.long())
@@ -144,7 +175,10 @@ def compare_graphs(mine: Graph, peer: PeerGraph) -> PeerComparison:
         and mine.adjacency.shape == peer.adjacency.shape
     )
     if mine.adjacency.shape != peer.adjacency.shape:
-        return PeerComparison(False, float("inf"), float("inf"))
-    diff = (mine.adjacency - peer.adjacency).abs().max().item()
-    scale = peer.adjacency.abs().max().item() or 1.0
-    return PeerComparison(same, diff, diff / scale)
+        return PeerComparison(False, float("inf"), float("inf"), -1, rtol, row_atol)
+    a, b = mine.adjacency.double(), peer.adjacency.double()
+    diff = (a - b).abs()
+    tol = rtol * b.abs() + row_atol * b.abs().amax(1, keepdim=True)
+    mismatched = int((diff > tol).sum())
+    rel = (diff / tol.clamp_min(1e-30) * rtol).max().item() if diff.numel() else 0.0
+    return PeerComparison(same, diff.max().item() if diff.numel() else 0.0, rel, mismatched, rtol, row_atol)

@@ -1,0 +1,177 @@
+"""Graphs as the paper computes them on the paths a user reaches: Llama-3-style BPE step prefixes, BOS-less
+sequences, rope types and hooks crv must refuse, stop-token lists kept on import. Peer checks run circuit-tracer
+0.5.0's ``attribute(prompt=<text>)`` on the same text and compare entry-wise."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+
+from crv.attribution.attributor import Attributor
+from crv.attribution.engine import AttributionConfig
+from crv.lm.families import UnsupportedModelError, check_supported
+from crv.tasks.cot import generate_problems
+from crv.tasks.crv_release import read_crv_release
+from crv.tasks.label import label_output
+from crv.testing.peer import require_circuit_tracer
+from crv.transcoders.io import save_transcoders
+from crv.transcoders.transcoder import TopKTranscoder, TranscoderShape
+
+FIXTURE = Path(__file__).parent / "fixtures" / "arith.nt3.annotated.json"
+#: Llama-3's pre-tokenizer split (Qwen2 uses the same punctuation rule): punctuation and the newlines after it are one
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+SPECIALS = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|end_of_text|>"]
+LLAMA3_TEMPLATE = ("{{ '<|begin_of_text|>' }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>"
+                   "\n\n{{ m['content'] }}<|eot_id|>{% endfor %}"
+                   "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+TEXT_FIRST_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                       "{% if add_generation_prompt %}assistant: {% endif %}")
+
+
+def llama3_bpe(bos: bool = True, template: str = LLAMA3_TEMPLATE) -> PreTrainedTokenizerFast:
+    """A small byte-level BPE with Llama-3's split pattern, trained on the release fixture and crv's CoT text."""
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    core.decoder = decoders.ByteLevel()
+    texts = [r.text for r in read_crv_release(FIXTURE)] * 20
+    texts += [p.prompt + p.completion for p in generate_problems("arith", 3, 300, seed=3)]
+    trainer = trainers.BpeTrainer(vocab_size=700, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    core.train_from_iterator(texts, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<|begin_of_text|>" if bos else None,
+                                  eos_token="<|eot_id|>", pad_token="<|end_of_text|>", clean_up_tokenization_spaces=False,
+                                  additional_special_tokens=[s for s in SPECIALS if s not in ("<|begin_of_text|>", "<|eot_id|>", "<|end_of_text|>")])
+    tok.chat_template = template
+    return tok
+
+
+def tiny_pair(root: Path, tok: PreTrainedTokenizerFast, family: str = "llama") -> tuple[Path, Path]:
+    """A random 2-layer model of ``family`` with non-unit norm gains and random TopK transcoders, saved."""
+    torch.manual_seed(0)
+    shape = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=8, max_position_embeddings=512, bos_token_id=tok.bos_token_id,
+                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+    cfg_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM)}[family]
+    model = model_cls(cfg_cls(**shape))
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.data = 1 + 0.2 * torch.randn_like(p)
+    model.save_pretrained(root / family)
+    tok.save_pretrained(root / family)
+    tcs = []
+    for layer in range(2):
+        tc = TopKTranscoder(TranscoderShape(32, 96, 6), layer)
+        for p in tc.parameters():
+            p.data = 0.3 * torch.randn_like(p)
+        tcs.append(tc)
+    save_transcoders(tcs, root / f"{family}-tc", model_name=family, dtype=torch.float32)
+    return root / family, root / f"{family}-tc"
+
+
+@pytest.fixture(scope="module")
+def llama3_dirs(tmp_path_factory):
+    return tiny_pair(tmp_path_factory.mktemp("llama3bpe"), llama3_bpe())
+
+
+def test_release_step_prefixes_are_tokenized_as_the_paper_does(llama3_dirs):
+    """Each step's ids are ``tok(text[:end_k])``; on this BPE the whole trace's ids differ at step ends, so those
+    steps get their own forward, and their graph is computed at ``"."``, not at ``".\\n"``."""
+    att = Attributor.load(*llama3_dirs, AttributionConfig(max_feature_nodes=None))
+    records = read_crv_release(FIXTURE)
+    differing = 0
+    for rec in records:
+        steps = att.record_steps(rec)
+        for k in range(len(rec.steps)):
+            view = steps.step(k)
+            end = rec.step_chars[k][1]
+            expected = att.tokenizer(rec.text[:end], add_special_tokens=False)["input_ids"]
+            assert view.encoding.ids.tolist() == expected, (rec.problem_id, k)
+            assert view.position == len(expected) - 1 and view.graph.n_pos == len(expected)
+            assert att.tokenizer.decode(expected[-1:]).endswith(rec.steps[k][-1])  # the step's own last character
+            assert "\n" not in att.tokenizer.decode(expected[-1:])
+            differing += view.own_forward
+    # the whole-trace ids join a non-final step's "." with its newline: the case this test is about must occur
+    assert differing > 0
+
+
+def test_step_graphs_equal_circuit_tracer_on_the_prefix_text(llama3_dirs):
+    """The release's steps and crv's own chat format, on Llama-3-style BPE: crv's step graph equals circuit-tracer's
+    ``attribute(prompt=text[:end_k])``, same nodes in the same order and every edge entry-wise."""
+    require_circuit_tracer()
+    from crv.testing.peer import CircuitTracerPeer, compare_graphs
+
+    model_dir, tc_dir = llama3_dirs
+    cfg = AttributionConfig(max_feature_nodes=40, batch_size=16)
+    att = Attributor.load(model_dir, tc_dir, cfg, prompt_format="chat")
+    peer = CircuitTracerPeer.load(model_dir, tc_dir)
+    prob = generate_problems("arith", 3, 1, seed=11)[0]
+    own = label_output(prob, prob.completion)
+    cases = [(r, k) for r in read_crv_release(FIXTURE)[:2] for k in range(len(r.steps))]
+    cases += [(own, k) for k in range(len(own.steps))]
+    checked_own_forward = 0
+    for rec, k in cases:
+        view = att.record_steps(rec).step(k)
+        enc = att.encode_record(rec)
+        prefix_text = enc.text[: enc.step_chars[k][1]]
+        report = compare_graphs(view.graph, peer.graph(prefix_text, cfg))
+        assert report.ok(), (rec.problem_id, k, report)
+        checked_own_forward += view.own_forward
+    assert checked_own_forward > 0
+
+
+@pytest.mark.parametrize("case", ["plain_no_bos", "chat_starts_with_text"])
+def test_bos_less_sequences_get_circuit_tracers_lead_token(tmp_path, case):
+    """A Qwen3 without BOS in the plain format, and a chat template that starts with text: crv puts the token
+    circuit-tracer prepends (first of BOS, PAD, EOS) at position 0, so the first real token keeps its features."""
+    tok = llama3_bpe(bos=False, template=TEXT_FIRST_TEMPLATE)
+    model_dir, tc_dir = tiny_pair(tmp_path, tok, "qwen3")
+    fmt = "plain" if case == "plain_no_bos" else "chat"
+    att = Attributor.load(model_dir, tc_dir, AttributionConfig(max_feature_nodes=None), prompt_format=fmt)
+    prob = generate_problems("arith", 2, 1, seed=4)[0]
+    rec = label_output(prob, prob.completion)
+    enc = att.encode_record(rec)
+    assert enc.text[0] not in "<" and int(enc.ids[0]) == tok.pad_token_id  # circuit-tracer's pick: no BOS, so PAD
+    view = att.record_steps(rec).step(0)
+    assert (view.graph.active_features[:, 1] == 1).any()  # the first real token has features
+    require_circuit_tracer()
+    from crv.testing.peer import CircuitTracerPeer, compare_graphs
+
+    peer = CircuitTracerPeer.load(model_dir, tc_dir)
+    report = compare_graphs(view.graph, peer.graph(enc.text[: enc.step_chars[0][1]], att.config))
+    assert report.ok(), report
+
+
+def test_length_dependent_rope_is_refused_with_its_name():
+    for rope in ({"rope_type": "dynamic", "factor": 2.0}, {"type": "longrope", "short_factor": [1.0], "long_factor": [1.0]}):
+        cfg = LlamaConfig(hidden_size=32, num_attention_heads=4, num_hidden_layers=1, intermediate_size=64)
+        cfg.rope_scaling = rope
+        with pytest.raises(UnsupportedModelError, match=rope.get("rope_type", rope.get("type"))):
+            check_supported(cfg)
+    cfg.rope_scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                        "original_max_position_embeddings": 8192}
+    check_supported(cfg)  # static: the same frequencies whatever the length
+
+
+def test_import_keeps_a_list_of_stop_ids(tmp_path):
+    """A Llama-3-style generation config lists several stop ids; the import adds the turn end, drops none."""
+    from crv.lm.importer import import_model
+    from crv.lm.load import load_model, stop_token_ids
+
+    tok = llama3_bpe()
+    tok.eos_token = "<|begin_of_text|>"  # a GGUF-style wrong EOS, so the import fixes it
+    src = tmp_path / "src"
+    model_dir, _ = tiny_pair(tmp_path, tok)
+    model, _ = load_model(model_dir)
+    listed = [tok.convert_tokens_to_ids("<|end_of_text|>"), tok.convert_tokens_to_ids("<|start_header_id|>")]
+    model.generation_config.eos_token_id = listed
+    model.save_pretrained(src)
+    tok.save_pretrained(src)
+    out = import_model(src, tmp_path / "imported")
+    model2, tok2 = load_model(out)
+    eot = tok2.convert_tokens_to_ids("<|eot_id|>")
+    assert model2.generation_config.eos_token_id == listed + [eot]
+    assert stop_token_ids(model2, tok2) >= set(listed) | {eot}
