@@ -49,7 +49,7 @@ def llama3_bpe(bos: bool = True, template: str = LLAMA3_TEMPLATE) -> PreTrainedT
     return tok
 
 
-def tiny_pair(root: Path, tok: PreTrainedTokenizerFast, family: str = "llama") -> tuple[Path, Path]:
+def tiny_pair(root: Path, tok: PreTrainedTokenizerFast, family: str = "llama", d_transcoder: int = 96) -> tuple[Path, Path]:
     """A random 2-layer model of ``family`` with non-unit norm gains and random TopK transcoders, saved."""
     torch.manual_seed(0)
     shape = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -64,7 +64,7 @@ def tiny_pair(root: Path, tok: PreTrainedTokenizerFast, family: str = "llama") -
     tok.save_pretrained(root / family)
     tcs = []
     for layer in range(2):
-        tc = TopKTranscoder(TranscoderShape(32, 96, 6), layer)
+        tc = TopKTranscoder(TranscoderShape(32, d_transcoder, 6), layer)
         for p in tc.parameters():
             p.data = 0.3 * torch.randn_like(p)
         tcs.append(tc)
@@ -175,3 +175,41 @@ def test_import_keeps_a_list_of_stop_ids(tmp_path):
     eot = tok2.convert_tokens_to_ids("<|eot_id|>")
     assert model2.generation_config.eos_token_id == listed + [eot]
     assert stop_token_ids(model2, tok2) >= set(listed) | {eot}
+
+
+def test_bfloat16_selects_as_circuit_tracer_in_bfloat16(tmp_path):
+    """In bfloat16 the encoder runs in bf16 as circuit-tracer's does, so both pick the same active features (with
+    4,096 features and k=6 the k-th value has near-ties that float32 breaks otherwise); edges (crv: float32 from bf16
+    activations; circuit-tracer: bf16 backward passes) agree within bf16's precision."""
+    require_circuit_tracer()
+    from crv.testing.peer import CircuitTracerPeer
+
+    model_dir, tc_dir = tiny_pair(tmp_path, llama3_bpe(), d_transcoder=4096)
+    cfg = AttributionConfig(max_feature_nodes=None)
+    att = Attributor.load(model_dir, tc_dir, cfg, dtype=torch.bfloat16)
+    peer = CircuitTracerPeer.load(model_dir, tc_dir, dtype=torch.bfloat16)
+    rec = read_crv_release(FIXTURE)[0]
+    view = att.record_steps(rec).step(0)
+    theirs = peer.graph(view.encoding.ids, cfg)
+    assert torch.equal(view.graph.active_features, theirs.active_features)
+    # logits: both read the same bf16 logits, but a flat random model has exact bf16 ties whose order differs
+    mine_t, their_t = view.graph.logit_tokens.tolist(), theirs.logit_tokens.tolist()
+    shared = [t for t in mine_t if t in their_t]
+    assert len(shared) >= 0.8 * len(their_t), (mine_t, their_t)
+    n = view.graph.adjacency.shape[0] - len(mine_t)
+    a = torch.cat([view.graph.adjacency[:n], view.graph.adjacency[[n + mine_t.index(t) for t in shared]]])
+    b = torch.cat([theirs.adjacency[:n], theirs.adjacency[[n + their_t.index(t) for t in shared]]])
+    a, b = a[:, :n], b[:, :n]
+    rel = ((a - b).norm() / b.norm()).item()
+    print(f"bf16: {len(shared)}/{len(their_t)} logit tokens shared; adjacency relative Frobenius error {rel:.4f}")
+    assert rel <= 0.05, rel  # bf16 carries 8 bits of mantissa: ~0.4% per product, summed over a path of a few
+
+
+def test_interventions_refuse_records_with_their_own_text(llama3_dirs):
+    """A release record is not re-rendered in crv's format for regeneration: it is refused, naming why."""
+    from crv.interventions.regenerate import regenerate
+
+    att = Attributor.load(*llama3_dirs)
+    rec = read_crv_release(FIXTURE)[0]
+    with pytest.raises(ValueError, match="carries its own text"):
+        regenerate(att.model, att.encoder, att.transcoders, rec, 0)

@@ -172,14 +172,16 @@ class Attributor:
     ) -> "Attributor":
         """Load a local model and its transcoders (defaults: the shipped ones) and check they fit.
 
-        ``dtype``: the model's weights (transcoder weights stay in their file dtype; the engine computes in
-        float32). ``device``: ``cpu`` or ``cuda[:i]``, for the model, the transcoder rows and every engine
+        ``dtype``: the model's weights, and the precision the transcoders encode in (as circuit-tracer
+        casts its set to the model dtype: in bfloat16 the k-th value's near-ties select as circuit-tracer's
+        do); transcoder weights stay in their file dtype and the edges are computed in float32. ``device``: ``cpu`` or ``cuda[:i]``, for the model, the transcoder rows and every engine
         tensor. ``prompt_format``: ``plain`` or ``chat`` (default: the model's own, see :mod:`crv.lm.prompt`).
         ``k``: TopK size for a set whose config lacks it.
         """
         model_dir = Path(model_dir) if model_dir is not None else DEFAULT_MODEL_DIR
         model, tok = load_model(model_dir, dtype=dtype, device=device)
-        ts = load_transcoders(transcoder_dir, model=model, device=device, k=k)
+        # the encoder runs in the model's dtype (circuit-tracer casts the set to it); the rest of the engine in float32
+        ts = load_transcoders(transcoder_dir, model=model, device=device, k=k, encode_dtype=dtype)
         return cls(model, tok, ts, config, model_id=f"{model_dir.name}@{model_checksum(model_dir)}",
                    model_dir=model_dir.resolve(), transcoder_dir=ts.path.resolve(),
                    encoder=trace_encoder(tok, model_dir, prompt_format))

@@ -36,7 +36,16 @@ class Regeneration:
 
 
 def problem_of(record: Record) -> Problem:
-    """The synthetic problem a record came from (what the labeller needs)."""
+    """The synthetic problem a record came from (what the labeller needs).
+
+    Records that carry their own ``text`` (e.g. the CRV release's Llama-3 chat texts, "Step 1: ... Now the
+    original expression becomes ...") are refused: crv would re-render them in its own prompt format and
+    grammar, so edits would land on other token positions than the graph's and its checker would judge a
+    format the model was never asked to write; and they carry no answer to call a fix "solved"."""
+    if record.text is not None:
+        raise ValueError(f"{record.problem_id}: interventions regenerate in crv's own prompt format and step grammar, "
+                         "and this record carries its own text (an imported release record) with no answer; edit and "
+                         "regenerate it with the model that wrote it, or use records crv generated (crv generate)")
     if record.task not in ("arith", "bool") or record.n is None:
         raise ValueError(f"interventions need a synthetic task with a labeller (arith, bool), not {record.task!r}")
     return Problem(record.problem_id, record.task, record.n, record.question, record.answer)  # type: ignore[arg-type]

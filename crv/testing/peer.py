@@ -106,7 +106,7 @@ class CircuitTracerPeer:
         self.model = replacement_model
 
     @classmethod
-    def load(cls, model_dir: str | Path, transcoder_dir: str | Path) -> "CircuitTracerPeer":
+    def load(cls, model_dir: str | Path, transcoder_dir: str | Path, dtype: torch.dtype = torch.float32) -> "CircuitTracerPeer":
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         try:
             from circuit_tracer import ReplacementModel
@@ -127,7 +127,7 @@ class CircuitTracerPeer:
             feature_input_hook=fmt.input_hook,
             feature_output_hook=fmt.output_hook,
             device=cpu,
-            dtype=torch.float32,
+            dtype=dtype,
             lazy_encoder=False,
             lazy_decoder=False,
         )
@@ -136,7 +136,7 @@ class CircuitTracerPeer:
                 t.activation_function = TopK(fmt.k)
             elif fmt.activation == "topk_relu":
                 t.activation_function = TopKReLU(fmt.k)
-        rm = ReplacementModel.from_pretrained_and_transcoders(str(model_dir), ts, backend="nnsight", device=cpu, dtype=torch.float32)
+        rm = ReplacementModel.from_pretrained_and_transcoders(str(model_dir), ts, backend="nnsight", device=cpu, dtype=dtype)
         return cls(rm)
 
     def graph(self, ids: torch.Tensor | str, config: AttributionConfig = AttributionConfig()) -> PeerGraph:

@@ -90,14 +90,17 @@ class FileTranscoder:
     """One layer's transcoder read from its safetensors file as needed (see the module docstring)."""
 
     def __init__(self, file: SafetensorsFile, layer: int, fmt: TranscoderFormat, device: torch.device,
-                 dtype: torch.dtype | None = None, resident: bool = False):
+                 dtype: torch.dtype | None = None, resident: bool = False, encode_dtype: torch.dtype = torch.float32):
         self.file, self.layer, self.device = file, layer, device
+        self.encode_dtype = encode_dtype
         self.d_transcoder, self.d_model = file.info("W_enc").shape
         self.dtype = dtype or file.info("W_enc").torch_dtype  # storage dtype of the weight rows
         small = lambda name: file.read(name).to(device=device, dtype=torch.float32)  # noqa: E731
         self._b_enc, self._b_dec = small("b_enc"), small("b_dec")
         self._W_skip = small(SKIP) if fmt.skip else None
-        self.activation = make_activation(fmt.activation, fmt.k, small(THRESHOLD) if fmt.activation == "jumprelu" else None)
+        # a half-precision encoder compares against the threshold as stored in that precision (circuit-tracer casts it)
+        threshold = small(THRESHOLD).to(encode_dtype).float() if fmt.activation == "jumprelu" else None
+        self.activation = make_activation(fmt.activation, fmt.k, threshold)
         self._W_enc = self._W_dec = None
         if resident:
             self._W_enc = file.read("W_enc").to(device=device, dtype=self.dtype)
@@ -128,12 +131,17 @@ class FileTranscoder:
         return self.file.rows(name, idx).to(device=self.device, dtype=self.dtype)
 
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
-        """``x @ W_enc.T + b_enc`` in float32, reading the encoder in chunks of rows."""
-        x = x.to(device=self.device, dtype=torch.float32)
+        """``x @ W_enc.T + b_enc``, reading the encoder in chunks of rows; returned as float32.
+
+        Computed in ``encode_dtype``: float32 by default; bfloat16 / float16 when the model runs in it, which is
+        what circuit-tracer does (``F.linear(x.to(W_enc.dtype), W_enc, b_enc)`` with the set cast to the model
+        dtype), so near-ties at the k-th value select the same features as circuit-tracer in that precision."""
+        ed = self.encode_dtype
+        x = x.to(device=self.device, dtype=ed)
         out = torch.empty(*x.shape[:-1], self.d_transcoder, device=self.device)
         for a in range(0, self.d_transcoder, CHUNK_ROWS):
             b = min(a + CHUNK_ROWS, self.d_transcoder)
-            out[..., a:b] = F.linear(x, self._block("W_enc", a, b).float(), self._b_enc[a:b])
+            out[..., a:b] = F.linear(x, self._block("W_enc", a, b).to(ed), self._b_enc[a:b].to(ed)).float()
         return out
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -191,9 +199,12 @@ class TranscoderSet:
         dtype: torch.dtype | None = None,
         device: str | torch.device = "cpu",
         resident: bool | None = None,
+        encode_dtype: torch.dtype = torch.float32,
     ):
         self.path = Path(path) if path is not None else DEFAULT_TRANSCODER_DIR
         self.dtype, self.device = dtype, torch.device(device)
+        #: precision of the encoder (pre-activations and selection): the model's dtype, as circuit-tracer computes
+        self.encode_dtype = encode_dtype
         config_path = self.path / "config.yaml"
         if not config_path.is_file():
             raise TranscoderLoadError(f"no transcoder set at {self.path}: config.yaml is missing")
@@ -275,7 +286,8 @@ class TranscoderSet:
         if not 0 <= layer < len(self):
             raise IndexError(f"layer {layer} out of range 0..{len(self) - 1}")
         if layer not in self._layers:
-            self._layers[layer] = FileTranscoder(self.files[layer], layer, self.format, self.device, self.dtype, self.resident)
+            self._layers[layer] = FileTranscoder(self.files[layer], layer, self.format, self.device, self.dtype, self.resident,
+                                                 self.encode_dtype)
         return self._layers[layer]
 
     def bytes_read(self) -> dict[str, int]:
