@@ -149,6 +149,7 @@ def test_graph_save_load_round_trip(setup, tmp_path):
     assert len(g.node_table()) == g.n_nodes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_fixture", ["shipped", "gqa"])
 def test_row_kernel_gives_the_reference_rows(model_fixture, request, tmp_path):
     """The batched row kernel (shared path coefficients, token table) = LinearReplacement.rows, on every layer."""

@@ -23,6 +23,7 @@ def record():
     return label_output(prob, prob.completion)
 
 
+@pytest.mark.slow
 def test_shipped_rows_are_complete(att, record):
     c = completeness(att.trace(att.encode_record(record).ids))
     assert c.n_features > 100 and c.n_logits >= 1
@@ -30,6 +31,7 @@ def test_shipped_rows_are_complete(att, record):
     assert c.logit_rel_error <= 1e-4
 
 
+@pytest.mark.slow
 def test_shipped_step_graphs_equal_prefix_graphs(att, record):
     graphs = att.step_graphs(record)
     assert len(graphs) == len(record.steps)
@@ -49,6 +51,7 @@ def test_shipped_step_graphs_equal_prefix_graphs(att, record):
         assert torch.allclose(g.adjacency, h.adjacency, rtol=1e-4, atol=1e-6 * h.adjacency.abs().max())
 
 
+@pytest.mark.slow
 def test_same_graph_as_circuit_tracer(att, record):
     require_circuit_tracer()
     from crv.testing.peer import CircuitTracerPeer, compare_graphs

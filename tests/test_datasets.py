@@ -82,6 +82,7 @@ def test_crv_release_line_numbers_point_at_the_expression(tmp_path):
     assert '"expression_id": 2' in "\n".join(bad.read_text().splitlines()[reported - 1 : reported + 2])
 
 
+@pytest.mark.slow
 def test_free_form_task_records_pass_through_evaluate(tmp_path):
     """Records of a task crv knows nothing about: black-box baselines and CRV on the shipped (1M-parameter) model."""
     from crv.attribution.attributor import Attributor

@@ -39,6 +39,7 @@ def dataset(tmp_path):
     return path, records
 
 
+@pytest.mark.slow
 def test_evaluate_end_to_end(tmp_path):
     path, records = dataset(tmp_path)
     assert sum(r.labels.count(0) for r in records) == 16
@@ -110,6 +111,7 @@ def step_table():
     return build_step_table(att, records, None, progress=False), records, att
 
 
+@pytest.mark.slow
 def test_out_of_fold_never_scores_a_step_with_a_model_that_saw_its_problem(step_table, monkeypatch):
     from crv.classify.model import StepClassifier
     from crv.evaluate.methods import EvalConfig, TextInputs
@@ -167,6 +169,7 @@ def test_out_of_fold_never_scores_a_step_with_a_model_that_saw_its_problem(step_
     assert v["auroc_diff"] == pytest.approx(out["methods"]["crv_plus_confidence"]["auroc"] - out["methods"][v["baseline"]]["auroc"])
 
 
+@pytest.mark.slow
 def test_split_mode_scores_only_the_held_out_problems(step_table):
     from crv.evaluate.methods import EvalConfig
     from crv.evaluate.run import evaluate_table
@@ -181,6 +184,7 @@ def test_split_mode_scores_only_the_held_out_problems(step_table):
         EvalConfig(scoring="loo")
 
 
+@pytest.mark.slow
 def test_stored_evaluation_is_read_back_only_for_the_same_table_and_config(step_table, tmp_path, monkeypatch):
     import crv.evaluate.run as run
     from crv.evaluate.methods import EvalConfig

@@ -41,6 +41,7 @@ def entry_files(root):
     return sorted(p.name for p in root.rglob("*") if p.is_file() and not p.name.startswith("manifest."))
 
 
+@pytest.mark.slow
 def test_store_round_trip_and_reuse(att, records, clean, tmp_path):
     table = build_step_table(att, records, tmp_path, progress=False)
     pd.testing.assert_frame_equal(table, clean)
@@ -59,6 +60,7 @@ def test_store_round_trip_and_reuse(att, records, clean, tmp_path):
         build_step_table(other, records, tmp_path, progress=False, executor=LocalExecutor(fail_after=0))
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_to_identical_outputs(att, records, clean, tmp_path):
     with pytest.raises(InjectedFailure):
         build_step_table(att, records, tmp_path, progress=False, executor=LocalExecutor(progress=False, fail_after=2))
@@ -70,6 +72,7 @@ def test_interrupted_run_resumes_to_identical_outputs(att, records, clean, tmp_p
     assert len(entry_files(tmp_path)) == 4 * len(records)  # rows, graphs (2 files), marker per trace
 
 
+@pytest.mark.slow
 def test_corrupted_entry_is_detected_and_recomputed(att, records, clean, tmp_path):
     build_step_table(att, records, tmp_path, progress=False)
     store = TraceStore(tmp_path)
@@ -88,6 +91,7 @@ def test_corrupted_entry_is_detected_and_recomputed(att, records, clean, tmp_pat
     assert TraceStore(tmp_path).get(key).summaries["last"][0].n_nodes > 0
 
 
+@pytest.mark.slow
 def test_ray_executor_matches_local_and_resumes(att, records, clean, tmp_path):
     import ray  # make test installs the ray extra
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
@@ -105,6 +109,7 @@ def test_ray_executor_matches_local_and_resumes(att, records, clean, tmp_path):
     assert not [p for p in tmp_path.rglob("*.tmp*")]
 
 
+@pytest.mark.slow
 def test_archive_rebuilds_the_table_without_graphs(att, records, tmp_path, monkeypatch):
     from crv.attribution.engine import TraceAttribution
     from crv.evaluate.steps import column_groups

@@ -98,6 +98,7 @@ def test_release_step_prefixes_are_tokenized_as_the_paper_does(llama3_dirs):
     assert differing > 0
 
 
+@pytest.mark.slow
 def test_step_graphs_equal_circuit_tracer_on_the_prefix_text(llama3_dirs):
     """The release's steps and crv's own chat format, on Llama-3-style BPE: crv's step graph equals circuit-tracer's
     ``attribute(prompt=text[:end_k])``, same nodes in the same order and every edge entry-wise."""
@@ -123,6 +124,7 @@ def test_step_graphs_equal_circuit_tracer_on_the_prefix_text(llama3_dirs):
     assert checked_own_forward > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["plain_no_bos", "chat_starts_with_text"])
 def test_bos_less_sequences_get_circuit_tracers_lead_token(tmp_path, case):
     """A Qwen3 without BOS in the plain format, and a chat template that starts with text: crv puts the token
@@ -177,6 +179,7 @@ def test_import_keeps_a_list_of_stop_ids(tmp_path):
     assert stop_token_ids(model2, tok2) >= set(listed) | {eot}
 
 
+@pytest.mark.slow
 def test_bfloat16_selects_as_circuit_tracer_in_bfloat16(tmp_path):
     """In bfloat16 the encoder runs in bf16 as circuit-tracer's does, so both pick the same active features (with
     4,096 features and k=6 the k-th value has near-ties that float32 breaks otherwise); edges (crv: float32 from bf16

@@ -40,6 +40,7 @@ def _cfg(steps: int) -> FinetuneConfig:
                           lora_alpha=16, eval_every=0, checkpoint_seconds=1e9)
 
 
+@pytest.mark.slow
 def test_training_lowers_the_loss(tiny_chat_llama, tmp_path):
     run = FinetuneRun(_cfg(40), tiny_chat_llama, tmp_path / "ft")
     pr = run.train(resume=False, progress=False)
@@ -48,6 +49,7 @@ def test_training_lowers_the_loss(tiny_chat_llama, tmp_path):
     assert sum(losses[-5:]) / 5 < sum(losses[:3]) / 3 - 1.0, losses  # nats; a trainer that does not step stays flat
 
 
+@pytest.mark.slow
 def test_a_resumed_run_equals_an_uninterrupted_one(tiny_chat_llama, tmp_path):
     straight = FinetuneRun(_cfg(6), tiny_chat_llama, tmp_path / "a")
     straight.train(resume=False, progress=False)

@@ -149,6 +149,7 @@ def test_bulk_topology_is_networkx_on_real_step_graphs():
     assert max(sizes) > BETWEENNESS_EXACT_NODES  # the fingerprint's pivot-sampled regime was checked
 
 
+@pytest.mark.slow
 def test_engine_reproduces_stored_fingerprints():
     """Same fingerprints (1e-6) as the engine before the faster rows, pruning and topology (stored at 91cc206)."""
     import json

@@ -33,6 +33,7 @@ def toy_duplicated(n_problems=60, copies=6, seed=1):
     return np.repeat(y1, copies), np.repeat(s1, copies), np.repeat(np.arange(n_problems), copies)
 
 
+@pytest.mark.slow
 def test_problem_bootstrap_is_wider_than_step_bootstrap_when_steps_repeat():
     y, s, problems = toy_duplicated()
     step_lo, step_hi = bootstrap_ci(y, s, n=1000, seed=0)

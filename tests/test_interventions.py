@@ -120,6 +120,7 @@ def test_candidates_follow_the_graph(att):
     assert cands and all(a.effect >= b.effect for a, b in zip(cands, cands[1:]))
 
 
+@pytest.mark.slow
 def test_experiment_table_with_controls(att, tmp_path):
     # the reasoner's own mistakes (n = 10: about a quarter of the traces have one) and a verifier trained in the test
     recs = generate_records(att.model, att.encoder, generate_problems("arith", 10, 8, seed=100), progress=False)

@@ -50,6 +50,7 @@ def test_mismatched_transcoders_are_refused(local_dirs, tmp_path):
         Attributor.load(model_dir, tmp_path / "bad")
 
 
+@pytest.mark.slow
 def test_local_llama_matches_circuit_tracer(local_dirs):
     require_circuit_tracer()
     from crv.attribution.engine import TraceAttribution

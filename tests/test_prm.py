@@ -37,6 +37,7 @@ def reasoner():
     return load_model()
 
 
+@pytest.mark.slow
 def test_finetuned_prm_learns_from_the_text(reasoner):
     model, tok = reasoner
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -80,6 +81,7 @@ def test_last_token_states_match_a_forward_pass(reasoner):
     np.testing.assert_allclose(row[[f"last{L - 1}.{i}" for i in range(d)]].to_numpy(), last, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_prms_train_on_the_training_problems_only(reasoner, monkeypatch):
     model, tok = reasoner
     recs = records(40, seed=5)

@@ -134,6 +134,7 @@ def _shape(tok, **kw):  # type: ignore[no-untyped-def]
                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **kw)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["qwen3", "qwen2"])
 def test_qwen_stand_ins_give_complete_graphs(family, tmp_path):
     """Qwen3 (q/k norms inside the frozen pattern) and Qwen2 (q/k/v biases) on a byte-level BPE chat tokenizer."""
@@ -151,6 +152,7 @@ def test_qwen_stand_ins_give_complete_graphs(family, tmp_path):
         assert c.feature_rel_error <= 1e-4 and c.logit_rel_error <= 1e-4, (family, k, c)
 
 
+@pytest.mark.slow
 def test_qwen3_stand_in_matches_circuit_tracer(tmp_path):
     require_circuit_tracer()
     from crv.testing.peer import CircuitTracerPeer, compare_graphs

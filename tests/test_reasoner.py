@@ -21,6 +21,7 @@ def test_tiny_training_lowers_loss(tiny):
     assert log[-1]["loss"] < 0.75 * log[0]["loss"]  # from uniform (ln 100) towards the data
 
 
+@pytest.mark.slow
 def test_tiny_reasoner_generates_valid_records(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model, tok = load_model(tiny)

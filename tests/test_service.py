@@ -191,6 +191,7 @@ def test_client_and_verify_cli_against_a_real_server(live_server, tmp_path):
     assert "2 traces, 6 steps" in r.output
 
 
+@pytest.mark.slow
 def test_viewer_page_in_headless_chromium(live_server):
     from playwright import sync_api  # a dev dependency
     import shutil

@@ -50,6 +50,7 @@ FORMATS = [("topk", False), ("topk_relu", False), ("relu", False), ("jumprelu", 
            ("topk", True), ("relu", True), ("jumprelu", True)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("activation,skip", FORMATS)
 def test_every_format_gives_circuit_tracers_graph(tiny_gqa_llama_dir, tmp_path, activation, skip):
     require_circuit_tracer()

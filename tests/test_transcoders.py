@@ -130,6 +130,7 @@ def test_replacement_hooks_are_removed(tiny_reasoner_dir, tmp_path):
     assert torch.equal(model(input_ids=ids).logits, before)
 
 
+@pytest.mark.slow
 def test_shipped_transcoders_meet_targets():
     model, tok = load_model()
     ts = load_transcoders(DEFAULT_TRANSCODER_DIR, model=model)
