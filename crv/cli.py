@@ -30,6 +30,17 @@ def _load(fn):  # type: ignore[no-untyped-def]
         raise typer.BadParameter(str(e), param_hint="--prompt-format") from e
 
 
+#: torch threads, on every command that computes (on a shared machine 1 keeps times steady)
+THREADS_OPTION = typer.Option(0, help="torch threads (0: torch's default; on a busy shared machine, 1 keeps times steady).")
+
+
+def _set_threads(n: int) -> None:
+    import torch
+
+    if n:
+        torch.set_num_threads(n)
+
+
 #: engine options shared by attribute, evaluate and serve
 DEVICE_OPTION = typer.Option("cpu", help="cpu or cuda[:i]: where the model, the active transcoder rows and every engine tensor live.")
 DTYPE_OPTION = typer.Option("float32", help="Model weights: float32, bfloat16 or float16 (transcoder weights stay in their "
@@ -306,8 +317,10 @@ def label_cmd(
     model: Optional[Path] = typer.Option(None, help="The model under test (default: the shipped reasoner)."),
     prompt_format: Optional[str] = typer.Option(None, help="Prompt format: plain or chat (default: the model's own)."),
     seed: int = typer.Option(0),
+    threads: int = THREADS_OPTION,
 ) -> None:
     """Label steps without a checker (Math-Shepherd): a step is correct if some continuation from it reaches the answer."""
+    _set_threads(threads)
     import json
 
     from crv.reasoner.rollout_labels import RolloutConfig, label_with_rollouts
@@ -339,8 +352,10 @@ def attribute_cmd(
     dtype: str = DTYPE_OPTION,
     batch_size: int = BATCH_OPTION,
     k: Optional[int] = K_OPTION,
+    threads: int = THREADS_OPTION,
 ) -> None:
     """Build one attribution graph per step of every record and save them."""
+    _set_threads(threads)
     from tqdm.auto import tqdm
 
     from crv.attribution.engine import AttributionConfig
@@ -352,15 +367,22 @@ def attribute_cmd(
         recs = recs[:limit]
     att = _attributor(model, transcoders, AttributionConfig(max_feature_nodes=max_feature_nodes or None, batch_size=batch_size),
                       prompt_format, device, dtype, k)
-    n = 0
+    n, skipped = 0, []
     for rec in tqdm(recs, desc="attribute", unit="trace"):
-        for g in att.iter_step_graphs(rec):
+        try:
+            graphs = list(att.iter_step_graphs(rec))  # a record that cannot be read is skipped whole, never half-written
+        except ValueError as e:
+            skipped.append(rec.problem_id)
+            tqdm.write(f"skipped {rec.problem_id}: {e}", file=sys.stderr)
+            continue
+        for g in graphs:
             name = f"step{g.meta['step_index']:03d}"
             g.save(out / rec.problem_id / name)
             if export_circuit_tracer:
                 write_circuit_tracer_files(g, out / "circuit-tracer", f"{rec.problem_id}-{name}", att.tokenizer.decode)
             n += 1
-    typer.echo(f"wrote {n} graphs for {len(recs)} traces to {out}")
+    typer.echo(f"wrote {n} graphs for {len(recs) - len(skipped)} traces to {out}"
+               + (f"; skipped {len(skipped)} record(s) that could not be attributed (see above)" if skipped else ""))
 
 
 @app.command("evaluate")
@@ -495,10 +517,10 @@ def intervene_cmd(
     max_faulty: Optional[int] = typer.Option(None, help="Flagged faulty steps to try per task (default: all)."),
     harm_steps: Optional[int] = typer.Option(None, help="Correct steps to test for harm (default: as many as flagged faulty)."),
     seed: int = typer.Option(0),
-    threads: int = typer.Option(0, help="torch threads (0: default)."),
+    threads: int = THREADS_OPTION,
 ) -> None:
     """Correct flagged faulty steps by editing the features their graph rests on, against random-feature controls."""
-    import torch
+    _set_threads(threads)
 
     from crv.attribution.engine import AttributionConfig
     from crv.classify.model import DEFAULT_CLASSIFIER, StepClassifier
@@ -511,8 +533,6 @@ def intervene_cmd(
         clf = StepClassifier.load(classifier or DEFAULT_CLASSIFIER)
     except (ValueError, FileNotFoundError) as e:
         raise typer.BadParameter(str(e)) from e
-    if threads:
-        torch.set_num_threads(threads)
     records = [r for path in data for r in read_records(path)]
     if max_feature_nodes is None:
         max_feature_nodes = clf.meta.get("provenance", {}).get("attribution", {}).get("max_feature_nodes", 1024)
@@ -611,11 +631,11 @@ def demo_cmd(
     out_dir: Path = typer.Option(Path("runs/demo"), help="Where the demo writes its data and report."),
     max_feature_nodes: int = typer.Option(512, help="Feature-node cap of the graphs (the paper's is 4096)."),
     seed: int = typer.Option(7),
-    threads: int = typer.Option(2, help="torch threads."),
+    threads: int = typer.Option(2, help="torch threads (on a busy shared machine, 1 keeps times steady)."),
     interventions: int = typer.Option(10, help="Flagged faulty steps to try interventions on (and as many correct steps for harm)."),
 ) -> None:
     """The main job on the embedded default: solve fresh problems, label steps, verify them with CRV vs baselines."""
-    import torch
+    _set_threads(threads)
 
     from crv.attribution.attributor import Attributor
     from crv.attribution.engine import AttributionConfig
@@ -630,7 +650,6 @@ def demo_cmd(
     from crv.tasks.schema import write_records
     from crv.tasks.stats import format_table, summarize_by
 
-    torch.set_num_threads(threads)
     att = Attributor.load(config=AttributionConfig(max_feature_nodes=max_feature_nodes))
     typer.echo(f"reasoner: {DEFAULT_MODEL_DIR} ({sum(p.numel() for p in att.model.parameters()):,} parameters)")
     # boolean errors are rare with the shipped reasoner (first-error rate ~5% at n=10), so few boolean traces
@@ -664,9 +683,21 @@ def demo_cmd(
     typer.echo("\nwrote " + ", ".join(str(f) for f in files.values()))
 
 
-def main() -> None:  # pragma: no cover
-    app()
+def main() -> None:
+    """The ``crv`` entry point: an expected error (bad input, a missing file, a model or transcoder set crv cannot
+    use) is one line on stderr naming the fix, exit status 2; ``CRV_DEBUG=1`` shows the traceback instead."""
+    import os
+
+    from crv.errors import USER_ERRORS
+
+    try:
+        app()
+    except USER_ERRORS as e:
+        if os.environ.get("CRV_DEBUG"):
+            raise
+        typer.echo(f"crv: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", err=True)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":  # pragma: no cover
-    app()
+    main()

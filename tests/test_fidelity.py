@@ -216,3 +216,44 @@ def test_interventions_refuse_records_with_their_own_text(llama3_dirs):
     rec = read_crv_release(FIXTURE)[0]
     with pytest.raises(ValueError, match="carries its own text"):
         regenerate(att.model, att.encoder, att.transcoders, rec, 0)
+
+
+def test_empty_steps_are_refused_at_validation_with_file_and_line(tmp_path):
+    import json
+
+    from crv.tasks.schema import RecordError, read_records
+
+    prob = generate_problems("arith", 2, 1, seed=1)[0]
+    good = label_output(prob, prob.completion).to_dict()
+    bad = {**good, "problem_id": "bad", "steps": [good["steps"][0], "   "], "labels": [1, 1]}
+    path = tmp_path / "r.jsonl"
+    path.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+    with pytest.raises(RecordError, match=r"r\.jsonl:2: step 1 is empty"):
+        read_records(path)
+
+
+def test_cli_errors_are_one_line_and_a_bad_record_does_not_stop_the_others(tmp_path, capsys, monkeypatch):
+    """`crv attribute` on a missing file: one line, exit 2. A record the tokenizer cannot read is reported and
+    skipped; the records after it still get their graphs."""
+    import sys
+
+    from crv.cli import main
+    from crv.tasks.schema import write_records
+
+    monkeypatch.setattr(sys, "argv", ["crv", "attribute", str(tmp_path / "none.jsonl")])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith("crv: error: no such dataset file") and err.count("\n") == 1
+    recs = [label_output(p, p.completion) for p in generate_problems("arith", 2, 3, seed=2)]
+    recs[1].question = recs[1].question + " é"  # a character the shipped char-level vocabulary lacks
+    write_records(recs, tmp_path / "r.jsonl")
+    out = tmp_path / "graphs"
+    monkeypatch.setattr(sys, "argv", ["crv", "attribute", str(tmp_path / "r.jsonl"), "--out", str(out),
+                                      "--max-feature-nodes", "32", "--threads", "1"])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    assert exit_.value.code == 0
+    captured = capsys.readouterr()
+    assert f"skipped {recs[1].problem_id}" in captured.err and "skipped 1 record" in captured.out
+    assert sorted(p.name for p in out.iterdir()) == sorted([recs[0].problem_id, recs[2].problem_id])

@@ -81,7 +81,8 @@ class StepView:
     @cached_property
     def graph(self) -> Graph:
         g = self.trace.graph(pos=self.position, step_index=self.index)
-        g.meta.update({"step_target": self.target, "own_forward": self.own_forward})
+        g.meta.update({"step_target": self.target, "own_forward": self.own_forward,
+                       "prompt": self.encoding.text})  # the text the graph is computed on, as given
         return g
 
     @cached_property

@@ -125,7 +125,6 @@ class RowCache:
 
     def ensure(self, idx: torch.Tensor) -> None:
         """Compute the rows of features ``idx`` that are not cached yet (batched per layer, by position)."""
-        lin = self.lin
         missing = idx[self.slot[idx] < 0].unique()
         if len(missing) == 0:
             return
@@ -248,7 +247,6 @@ class TraceAttribution:
         token_cols = lin.token_offset + torch.arange(n_pos, device=dev)
         nonfeature_cols = torch.cat([error_cols, token_cols])
         tokens, probs = salient_logits(self.cap.logits[pos], cfg.max_n_logits, cfg.desired_logit_prob)
-        n_logits = len(tokens)
         with self.timer("logits"):
             logit_rows = self.logit_rows(pos, tokens)
 

@@ -35,8 +35,11 @@ def to_circuit_tracer_json(
     scan: str = "crv",
     node_threshold: float = 0.8,
     edge_threshold: float = 0.98,
+    prompt: str | None = None,
 ) -> dict:
-    """The graph as circuit-tracer's frontend JSON document."""
+    """The graph as circuit-tracer's frontend JSON document; ``prompt``: the text the graph was computed on,
+    kept as given (default: the graph's ``meta["prompt"]``, else the joined per-token decodes, in which a
+    character split across tokens shows as U+FFFD)."""
     pr = prune(graph, node_threshold, edge_threshold)
     scores = pr.cumulative_scores.tolist()
     nf, n_pos, L = graph.n_features, graph.n_pos, graph.n_layers
@@ -72,7 +75,8 @@ def to_circuit_tracer_json(
     connected = {x for link in links for x in (link["source"], link["target"])}
     used = [n for n in nodes.values() if n["node_id"] in connected or n["feature_type"] in ("embedding", "logit")]
     tokens = [decode(int(t)) for t in graph.tokens]
-    metadata = {"slug": slug, "scan": scan, "transcoder_list": [], "prompt_tokens": tokens, "prompt": "".join(tokens),
+    metadata = {"slug": slug, "scan": scan, "transcoder_list": [], "prompt_tokens": tokens,
+                "prompt": prompt if prompt is not None else graph.meta.get("prompt", "".join(tokens)),
                 "node_threshold": node_threshold, "schema_version": 1}
     qparams = {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""}
     return {"metadata": metadata, "qParams": qparams, "nodes": used, "links": links}

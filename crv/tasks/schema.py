@@ -104,6 +104,8 @@ def validate(r: Record) -> None:
     _check(isinstance(r.question, str) and r.question.strip() != "", "question must be a non-empty string")
     _check(isinstance(r.answer, str), "answer must be a string")
     _check(isinstance(r.steps, list) and all(isinstance(s, str) for s in r.steps), "steps must be a list of strings")
+    for i, step in enumerate(r.steps):
+        _check(step.strip() != "", f"step {i} is empty (or only whitespace): every step needs text to attribute")
     _check(isinstance(r.labels, list) and all(x in (0, 1) and not isinstance(x, bool) for x in r.labels), "labels must be a list of 0/1 integers")
     _check(len(r.steps) == len(r.labels), f"steps ({len(r.steps)}) and labels ({len(r.labels)}) differ in length")
     _check(0 not in r.labels[:-1], "only the last step may be faulty (traces are truncated after the first faulty step)")
