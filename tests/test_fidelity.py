@@ -257,3 +257,77 @@ def test_cli_errors_are_one_line_and_a_bad_record_does_not_stop_the_others(tmp_p
     captured = capsys.readouterr()
     assert f"skipped {recs[1].problem_id}" in captured.err and "skipped 1 record" in captured.out
     assert sorted(p.name for p in out.iterdir()) == sorted([recs[0].problem_id, recs[2].problem_id])
+
+
+@pytest.mark.slow
+def test_pruning_equals_circuit_tracers_prune_graph(llama3_dirs):
+    """crv's prune on circuit-tracer's adjacency keeps exactly the nodes and edges circuit-tracer's ``prune_graph``
+    keeps, at the paper's thresholds and at others, with the same cumulative scores."""
+    require_circuit_tracer()
+    import dataclasses
+
+    from circuit_tracer.graph import prune_graph
+
+    from crv.attribution.prune import prune
+    from crv.testing.peer import CircuitTracerPeer
+
+    model_dir, tc_dir = llama3_dirs
+    cfg = AttributionConfig(max_feature_nodes=60, batch_size=16)
+    att = Attributor.load(model_dir, tc_dir, cfg)
+    peer = CircuitTracerPeer.load(model_dir, tc_dir)
+    for rec in read_crv_release(FIXTURE)[:2]:
+        view = att.record_steps(rec).step(len(rec.steps) - 1)
+        theirs = peer.graph(view.encoding.ids, cfg)
+        graph = dataclasses.replace(view.graph, adjacency=theirs.adjacency.clone())  # the same input for both
+        for node_t, edge_t in ((0.8, 0.98), (0.5, 0.9), (0.95, 0.99)):
+            mine = prune(graph, node_t, edge_t)
+            ref = prune_graph(theirs.raw, node_t, edge_t)
+            assert torch.equal(mine.node_mask, ref.node_mask.cpu()), (node_t, edge_t)
+            dst, src = mine.edges()
+            edge_mask = torch.zeros_like(ref.edge_mask.cpu())
+            edge_mask[dst, src] = True
+            assert torch.equal(edge_mask, ref.edge_mask.cpu()), (node_t, edge_t)
+            assert torch.allclose(mine.cumulative_scores, ref.cumulative_scores.cpu().float(), atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "llama"])
+def test_rows_equal_an_autograd_oracle_on_the_real_modules(family, tmp_path):
+    """Qwen2's q/k/v biases (which circuit-tracer 0.5.0's nnsight backend cannot load), Qwen3's q/k norms and
+    Llama: every edge of late-layer feature rows equals the frozen HF model's autograd derivative, entry-wise."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_real_models import _shape, _tiny
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from crv.attribution.engine import TraceAttribution
+    from crv.reasoner.tokenizer import build_tokenizer
+    from crv.testing.oracle import reading_gradients
+    from crv.testing.peer import ROW_ATOL, RTOL
+
+    tok = build_tokenizer()
+    classes = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+               "llama": (LlamaConfig, LlamaForCausalLM)}[family]
+    model_dir, tc_dir = _tiny(tmp_path, family, classes[0](**_shape(tok, tie_word_embeddings=False)), classes[1], tok)
+    att = Attributor.load(model_dir, tc_dir)
+    if family == "qwen2":
+        assert att.model.model.layers[0].self_attn.v_proj.bias is not None
+    prob = generate_problems("arith", 2, 1, seed=9)[0]
+    ids = att.encode_record(label_output(prob, prob.completion)).ids
+    tr = TraceAttribution(att.model, att.transcoders, ids, AttributionConfig(max_feature_nodes=None))
+    lin, T = tr.lin, tr.lin.n_pos
+    last = (lin.features.layer == lin.n_layers - 1).nonzero(as_tuple=True)[0]
+    for t in last[torch.linspace(0, len(last) - 1, 4).long()].tolist():
+        l, p, f = int(lin.features.layer[t]), int(lin.features.pos[t]), int(lin.features.feat[t])
+        g, g_emb = reading_gradients(att.model, ids, att.transcoders[l].encoder_rows(torch.tensor([f]))[0], l, p)
+        expected = torch.zeros(lin.n_sources)
+        below = (lin.features.layer < l).nonzero(as_tuple=True)[0]
+        dec = lin.scaled_decoders(below)
+        expected[below] = (dec * g[lin.features.layer[below], lin.features.pos[below]]).sum(-1)
+        for j in range(l):
+            expected[lin.error_offset + j * T : lin.error_offset + (j + 1) * T] = (lin.errors[j] * g[j]).sum(-1)
+        expected[lin.token_offset :] = (tr.cap.embed * g_emb).sum(-1)
+        row = tr.feature_rows(torch.tensor([t]))[0]
+        tol = RTOL * expected.abs() + ROW_ATOL * expected.abs().max()
+        assert ((row - expected).abs() <= tol).all(), (family, t, (row - expected).abs().max())
+        assert expected.abs().max() > 0

@@ -84,7 +84,11 @@ def test_intervene_returns_and_leaves_the_model_as_it_was(att):
     torch.testing.assert_close(att.model(input_ids=ids).logits.detach(), before, rtol=0, atol=0)
     # with no edits, regeneration reproduces the model's own greedy output for a correct prefix
     plain = regenerate(att.model, att.encoder, att.transcoders, rec, 1)
-    assert plain.edits == [] and isinstance(plain.step_correct, bool)
+    from crv.reasoner.generate import complete
+
+    own = complete(att.model, att.encoder, [att.encoder.prefix(rec.task, rec.question, rec.steps[:1])], 200)[0]
+    assert plain.edits == [] and plain.continuation == own
+    assert plain.step_correct == (plain.record.labels[1] == 1)
 
 
 def test_invalid_requests_get_clear_errors(att):
@@ -139,8 +143,12 @@ def test_experiment_table_with_controls(att, tmp_path):
     a = res["arith"]
     assert a["faulty_steps"] == n_faulty and a["flagged_faulty"] == n_faulty and a["harm_steps"] <= 2
     assert a["reproduced"] >= 1  # the unedited regeneration repeats the model's own mistake
-    for key in ("targeted_fix_rate", "random_fix_rate"):
-        assert 0.0 <= a[key] <= 1.0
+    rep = [r for r in a["_rows"] if r["reproduced"]]  # the rates are over the rows whose fault was reproduced
+    assert a["reproduced"] == len(rep) >= 1
+    for key, arms in (("targeted_fix_rate", ("targeted_suppress", "targeted_amplify")),
+                      ("random_fix_rate", ("random_suppress", "random_amplify"))):
+        fixed = [any(r.get(f"{arm}.solved", False) for arm in arms) for r in rep]
+        assert a[key] == pytest.approx(sum(fixed) / len(fixed))
     assert set(a["arms"]) == {"targeted_suppress", "targeted_amplify", "random_suppress", "random_amplify"}
     assert a["harm_steps_flagged"] <= a["harm_steps"]  # threshold 0: every correct step is flagged
     assert a["harm_steps_flagged"] == a["harm_steps"]

@@ -123,10 +123,18 @@ def test_replacement_hooks_are_removed(tiny_reasoner_dir, tmp_path):
     ts = [TopKTranscoder(shape, i) for i in range(2)]
     for t in ts:
         t.reset_parameters()
-    save_transcoders(ts, tmp_path, "tiny")
+    save_transcoders(ts, tmp_path, "tiny", dtype=torch.float32)
     with replaced_mlps(model, load_transcoders(tmp_path, model=model)):
         during = model(input_ids=ids).logits
-    assert not torch.allclose(before, during)
+    # the same replacement written out with the in-memory transcoders (another code path): layer i's MLP -> ts[i]
+    mlps = [layer.mlp for layer in model.model.layers]
+    handles = [m.register_forward_hook(lambda mod, args, out, t=t: t(args[0])) for m, t in zip(mlps, ts)]
+    try:
+        reference = model(input_ids=ids).logits
+    finally:
+        for h in handles:
+            h.remove()
+    assert torch.allclose(during, reference, atol=1e-5) and not torch.allclose(before, reference, atol=1e-3)
     assert torch.equal(model(input_ids=ids).logits, before)
 
 

@@ -77,6 +77,7 @@ class PeerGraph:
     logit_tokens: torch.Tensor
     adjacency: torch.Tensor
     seconds: float
+    raw: object = None  # circuit-tracer's own Graph (for its prune_graph)
 
 
 #: entry-wise tolerances of a peer comparison: |A_ij - B_ij| <= RTOL * |B_ij| + ROW_ATOL * max_j |B_ij|
@@ -162,6 +163,7 @@ class CircuitTracerPeer:
             logit_tokens=torch.tensor([int(t.vocab_idx) for t in g.logit_targets]),
             adjacency=g.adjacency_matrix.cpu().float(),
             seconds=seconds,
+            raw=g,
         )
 
 
