@@ -45,7 +45,9 @@ def _set_threads(n: int) -> None:
 DEVICE_OPTION = typer.Option("cpu", help="cpu or cuda[:i]: where the model, the active transcoder rows and every engine tensor live.")
 DTYPE_OPTION = typer.Option("float32", help="Model weights: float32, bfloat16 or float16 (transcoder weights stay in their "
                                             "file dtype; the engine computes in float32).")
-BATCH_OPTION = typer.Option(64, help="Feature rows computed per batch (larger is faster on a GPU, needs more memory).")
+BATCH_OPTION = typer.Option(64, help="Greedy visit batch in features: part of what defines a capped graph (features are "
+                                       "re-ranked every 4 batches, so a cap keeps other features at another size). "
+                                       "512 = circuit-tracer 0.5.0's default graph; 64 is within the paper's 16-64.")
 K_OPTION = typer.Option(None, "--k", help="TopK size for a transcoder set whose config.yaml has no k "
                                           "(e.g. 128 for facebook/crv-8b-instruct-transcoders, which crv also recognises).")
 

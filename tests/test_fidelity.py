@@ -331,3 +331,14 @@ def test_rows_equal_an_autograd_oracle_on_the_real_modules(family, tmp_path):
         tol = RTOL * expected.abs() + ROW_ATOL * expected.abs().max()
         assert ((row - expected).abs() <= tol).all(), (family, t, (row - expected).abs().max())
         assert expected.abs().max() > 0
+
+
+def test_a_token_straddling_two_steps_belongs_to_both_and_the_prefix_ends_inside_the_step():
+    """A token holding the end of step 0, the newline and the start of step 1 (a tokenizer that merges across
+    lines) is in both steps' spans; step 0's own prefix is tokenized without it."""
+    from crv.lm.encode import spans_of
+
+    offsets = [(0, 0), (0, 1), (1, 4), (4, 5), (5, 6)]  # BOS, "a", "b\nc" (straddles), "d", "\n"
+    assert spans_of(offsets, [(0, 2), (3, 5)]) == ((1, 3), (2, 4))
+    with pytest.raises(ValueError, match="no token covers"):
+        spans_of(offsets, [(6, 6)])
