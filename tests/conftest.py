@@ -92,3 +92,16 @@ def tiny_gqa_llama_dir(tmp_path_factory):
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+def pytest_runtest_teardown(item):
+    """With CRV_TEST_RSS=1, print each test's resident memory after it ran (to find the heavy ones)."""
+    import os
+
+    if os.environ.get("CRV_TEST_RSS"):
+        import resource
+
+        with open("/proc/self/status") as f:
+            rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS"))
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        print(f"\nRSS {rss / 1e6:.2f} GB peak {peak / 1e6:.2f} GB {item.nodeid}")

@@ -248,7 +248,7 @@ class FinetuneRun:
         manifest = {"base_model": str(self.model_dir.resolve()), "base_notes": model_notes(self.model_dir),
                     "config": self.config.to_dict(), "progress": {k: v for k, v in asdict(self.progress).items()
                                                                  if k not in ("history",)},
-                    "command": command}
+                    "device": str(self.device), "command": command}
         _atomic_text(json.dumps(manifest, indent=1) + "\n", adapter / "crv_finetune.json")
         return merge_adapter(self.model_dir, adapter, self.out)
 
