@@ -227,6 +227,30 @@ def finetune_cmd(
     typer.echo(f"saved {out} (merged model) and {out / 'adapter'}")
 
 
+@app.command("merge-adapter")
+def merge_adapter_cmd(
+    adapter: Path = typer.Option(..., help="A crv finetune adapter folder (adapter_config.json, adapter_model.safetensors, "
+                                           "crv_finetune.json), e.g. models/smollm2-crv-lora."),
+    base: Path = typer.Option(..., help="The base model directory (`crv import-model` of the source the manifest names)."),
+    out: Path = typer.Option(..., help="Output: the merged model directory crv reads like any other."),
+) -> None:
+    """Rebuild a fine-tuned model from its shipped LoRA adapter: base + adapter merged, checked against the
+    manifest's sha256 of the merged weights."""
+    import json
+
+    from crv.finetune.train import merge_adapter, sha256_file
+
+    manifest_path = adapter / "crv_finetune.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    _load(lambda: merge_adapter(base, adapter, out))
+    got, want = sha256_file(out / "model.safetensors"), manifest.get("merged_sha256")
+    if want and got != want:
+        raise typer.BadParameter(f"merged weights sha256 {got[:16]}… differ from the manifest's {want[:16]}…: the base is "
+                                 f"not the one the adapter was trained on ({manifest.get('base_notes', {}).get('source')})",
+                                 param_hint="--base")
+    typer.echo(f"merged {adapter} into {base} -> {out} (sha256 {got[:16]}…" + (", as the manifest says)" if want else ")"))
+
+
 def _write_with_summary(records, out: Path) -> None:  # type: ignore[no-untyped-def]
     """Write records as JSONL and print their per-task summary."""
     from crv.tasks.schema import write_records

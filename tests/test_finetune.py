@@ -84,6 +84,12 @@ def test_merged_model_is_read_by_crv_with_the_short_prompt(tiny_chat_llama, tmp_
         want = run.model.get_base_model()(input_ids=ids).logits
         got = model(input_ids=ids).logits
     assert torch.allclose(want, got, atol=1e-5)
+    # the rebuild path: the same base + the saved adapter give the same bytes, as the manifest records
+    from crv.finetune.train import merge_adapter, sha256_file
+
+    manifest = json.loads((out / "adapter" / "crv_finetune.json").read_text())
+    again = merge_adapter(tiny_chat_llama, out / "adapter", tmp_path / "rebuilt")
+    assert sha256_file(again / "model.safetensors") == manifest["merged_sha256"] == sha256_file(out / "model.safetensors")
 
 
 def test_curriculum_is_a_pure_function_of_seed_and_step():

@@ -242,15 +242,35 @@ class FinetuneRun:
     # ----------------------------------------------------------------------------- export
 
     def export(self, command: str = "") -> Path:
-        """Write the adapter (``out/adapter``) and the merged model (``out``) from the current weights."""
+        """Write the adapter (``out/adapter``, with ``crv_finetune.json``: base model and its sha256, LoRA
+        config, progress, command, the merged weights' sha256) and the merged model (``out``)."""
         adapter = self.out / "adapter"
         self.model.save_pretrained(str(adapter), safe_serialization=True)
-        manifest = {"base_model": str(self.model_dir.resolve()), "base_notes": model_notes(self.model_dir),
-                    "config": self.config.to_dict(), "progress": {k: v for k, v in asdict(self.progress).items()
-                                                                 if k not in ("history",)},
-                    "device": str(self.device), "command": command}
+        out = merge_adapter(self.model_dir, adapter, self.out)
+        notes = model_notes(self.model_dir)
+        source = Path(notes["source"]) if notes.get("source") else None
+        manifest = {
+            "base_model": str(self.model_dir.resolve()), "base_notes": notes,
+            "base_source_sha256": sha256_file(source) if source is not None and source.is_file() else None,
+            "config": self.config.to_dict(),
+            "progress": {k: v for k, v in asdict(self.progress).items() if k != "history"},
+            "device": str(self.device), "command": command,
+            "merged_sha256": sha256_file(out / "model.safetensors"),
+            "rebuild": "crv merge-adapter --base <crv import-model of the base source> --adapter <this folder> --out DIR",
+        }
         _atomic_text(json.dumps(manifest, indent=1) + "\n", adapter / "crv_finetune.json")
-        return merge_adapter(self.model_dir, adapter, self.out)
+        return out
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes (read in 1 MiB chunks)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out: str | Path) -> Path:
