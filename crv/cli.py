@@ -168,8 +168,10 @@ def train_transcoders_cmd(
     resample_every: int = typer.Option(100, help="Steps between dead-feature resamplings (0: never)."),
     seed: int = typer.Option(0),
     threads: int = typer.Option(0, help="torch threads (0: default)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the checkpoint in OUT/checkpoint."),
+    checkpoint_seconds: float = typer.Option(300.0, help="Seconds between checkpoints (OUT/checkpoint)."),
 ) -> None:
-    """Train one TopK transcoder per MLP layer of a model, on CoT text in its prompt format."""
+    """Train one TopK transcoder per MLP layer of a model, on CoT text in its prompt format (resumable)."""
     import torch
 
     from crv.lm.load import DEFAULT_MODEL_DIR
@@ -183,7 +185,11 @@ def train_transcoders_cmd(
         resample_every=resample_every, seed=seed
     )
     name = (model or DEFAULT_MODEL_DIR).resolve().name
-    train_transcoders(lm, encoder, cfg, out, model_name=name, command="crv " + " ".join(sys.argv[1:]))
+    try:
+        train_transcoders(lm, encoder, cfg, out, model_name=name, command="crv " + " ".join(sys.argv[1:]), resume=resume,
+                          checkpoint_seconds=checkpoint_seconds)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--resume / --out") from e
     typer.echo(f"saved {out}")
 
 

@@ -96,6 +96,29 @@ def test_tiny_transcoders_learn(tiny_reasoner_dir, tmp_path):
     assert all(a < 0.7 * b for a, b in zip(fvu_trained, fvu_short)), (fvu_trained, fvu_short)
 
 
+def test_transcoder_training_resumes_from_its_checkpoint(tiny_reasoner_dir, tmp_path):
+    """A stopped run's checkpoint restores every layer exactly; a resumed run continues its step count and log."""
+    import json
+
+    model, tok = load_model(tiny_reasoner_dir)
+    enc = TraceEncoder(tok, PlainFormat())
+    cfg = TranscoderTrainConfig(expansion=4, k=4, steps=6, batch_tokens=128, buffer_tokens=1024, dead_tokens=4000, warmup=2)
+    first = train_transcoders(model, enc, cfg, tmp_path / "tc", progress=False, checkpoint_seconds=1e9)
+    stopped = json.loads((tmp_path / "tc" / "checkpoint" / "checkpoint.json").read_text())
+    assert stopped["step"] == 5
+    again = train_transcoders(model, enc, cfg, tmp_path / "tc", progress=False, resume=True)  # nothing left to do
+    for a, b in zip(first, again):
+        assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    longer = TranscoderTrainConfig(**{**cfg.__dict__, "steps": 10})
+    train_transcoders(model, enc, longer, tmp_path / "tc", progress=False, resume=True)
+    meta = json.loads((tmp_path / "tc" / "checkpoint" / "checkpoint.json").read_text())
+    assert meta["step"] == 9 and meta["log"][-1]["step"] == 9
+    assert meta["log"][: len(stopped["log"])] == stopped["log"]  # the stopped run's log (and times) carried on
+    with pytest.raises(ValueError, match="other settings"):
+        train_transcoders(model, enc, TranscoderTrainConfig(**{**cfg.__dict__, "k": 3}), tmp_path / "tc", progress=False,
+                          resume=True)
+
+
 def test_resampling_revives_dead_features():
     gen = torch.Generator().manual_seed(0)
     tc = TopKTranscoder(TranscoderShape(16, 64, 4), 0)

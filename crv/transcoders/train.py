@@ -131,6 +131,59 @@ class _LayerTrainer:
         return loss.item(), n_dead / tc.shape.d_transcoder
 
 
+def _save_checkpoint(trainers: list[_LayerTrainer], step: int, log: list[dict], seconds: float, cfg: TranscoderTrainConfig,
+                     where: Path) -> None:
+    """Every layer's weights, Adam moments, dead-feature counters and generator state at ``step`` (atomic)."""
+    import json
+    import os
+
+    from safetensors.torch import save_file
+
+    where.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    for i, t in enumerate(trainers):
+        for name, p in t.tc.named_parameters():
+            tensors[f"{i}.{name}"] = p.detach()
+            for key, v in t.opt.state.get(p, {}).items():
+                tensors[f"{i}.{name}.{key}"] = v if torch.is_tensor(v) else torch.tensor(v)
+        tensors[f"{i}.since_fired"] = t.since_fired
+        tensors[f"{i}.gen"] = t.gen.get_state()
+    tmp = where / f".state-{os.getpid()}.tmp"
+    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, where / f"state-{step}.safetensors")
+    meta = {"step": step, "seconds": round(seconds, 1), "config": asdict(cfg), "log": log}
+    (where / ".meta.tmp").write_text(json.dumps(meta) + "\n")
+    os.replace(where / ".meta.tmp", where / "checkpoint.json")  # the commit point
+    for old in where.glob("state-*.safetensors"):
+        if old.name != f"state-{step}.safetensors":
+            old.unlink(missing_ok=True)
+
+
+def _load_checkpoint(trainers: list[_LayerTrainer], cfg: TranscoderTrainConfig, where: Path) -> tuple[int, list[dict], float]:
+    """Restore a checkpoint written by :func:`_save_checkpoint`; returns (next step, log, seconds so far)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    meta = json.loads((where / "checkpoint.json").read_text())
+    saved = {k: v for k, v in meta["config"].items() if k != "steps"}
+    asked = {k: v for k, v in asdict(cfg).items() if k != "steps"}
+    if saved != asked:
+        diff = {k: (saved.get(k), v) for k, v in asked.items() if saved.get(k) != v}
+        raise ValueError(f"{where}: checkpoint of other settings {diff} (saved, asked); use another --out or the saved settings")
+    tensors = load_file(str(where / f"state-{meta['step']}.safetensors"))
+    with torch.no_grad():
+        for i, t in enumerate(trainers):
+            for name, p in t.tc.named_parameters():
+                p.copy_(tensors[f"{i}.{name}"])
+                st = {key.rsplit(".", 1)[1]: v for key, v in tensors.items() if key.startswith(f"{i}.{name}.")}
+                if st:
+                    t.opt.state[p] = st
+            t.since_fired.copy_(tensors[f"{i}.since_fired"])
+            t.gen.set_state(tensors[f"{i}.gen"])
+    return int(meta["step"]) + 1, list(meta["log"]), float(meta["seconds"])
+
+
 def train_transcoders(
     model: PreTrainedModel,
     encoder: TraceEncoder,
@@ -139,11 +192,21 @@ def train_transcoders(
     model_name: str = "crv-reasoner",
     progress: bool = True,
     command: str | None = None,
+    resume: bool = False,
+    checkpoint_seconds: float = 300.0,
 ) -> list[TopKTranscoder]:
-    """Train one TopK transcoder per layer on activations streamed from CoT traces in ``encoder``'s prompt format."""
+    """Train one TopK transcoder per layer on activations streamed from CoT traces in ``encoder``'s prompt format.
+
+    With ``out_dir``, a checkpoint is kept in ``out_dir/checkpoint`` every ``checkpoint_seconds`` (weights, Adam
+    moments, dead-feature counters, generators); ``resume`` continues it. The activation stream of a resumed run
+    restarts from a seed derived from the step (fresh traces, not the ones the stopped run would have drawn), so a
+    resumed run sees the same distribution, not the same batches.
+    """
     torch.manual_seed(cfg.seed)
     d_model, n_layers = model.config.hidden_size, model.config.num_hidden_layers
     shape = TranscoderShape(d_model, cfg.expansion * d_model, cfg.k)
+    ck = Path(out_dir) / "checkpoint" if out_dir is not None else None
+    resuming = resume and ck is not None and (ck / "checkpoint.json").is_file()
     stream = ActivationStream(model, encoder, cfg.batch_tokens, cfg.buffer_tokens, seed=cfg.seed)
     x0, y0 = next(stream)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -160,8 +223,13 @@ def train_transcoders(
             tc.W_enc.mul_(scale)
         trainers.append(_LayerTrainer(tc, cfg))
     log: list[dict] = []
-    start = time.time()
-    bar = tqdm(range(cfg.steps), desc="train transcoders", disable=not progress)
+    first, elapsed = 0, 0.0
+    if resuming:
+        first, log, elapsed = _load_checkpoint(trainers, cfg, ck)  # type: ignore[arg-type]
+        stream = ActivationStream(model, encoder, cfg.batch_tokens, cfg.buffer_tokens, seed=cfg.seed + 7919 * first)
+    start = time.time() - elapsed
+    last_ck = time.time()
+    bar = tqdm(range(first, cfg.steps), desc="train transcoders", disable=not progress, initial=first, total=cfg.steps)
     for step in bar:
         x, y = (x0, y0) if step == 0 else next(stream)
         lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
@@ -175,6 +243,9 @@ def train_transcoders(
             log.append({"step": step, "fvu": [round(s[0], 4) for s in stats], "dead": [round(s[1], 4) for s in stats],
                         "seconds": round(time.time() - start, 1)})
             bar.set_postfix(fvu=" ".join(f"{s[0]:.3f}" for s in stats))
+        if ck is not None and (time.time() - last_ck >= checkpoint_seconds or step == cfg.steps - 1):
+            _save_checkpoint(trainers, step, log, time.time() - start, cfg, ck)
+            last_ck = time.time()
     transcoders = [t.tc.requires_grad_(False).eval() for t in trainers]
     if out_dir is not None:
         extra = {"train_config": asdict(cfg), "prompt_format": encoder.format.name, "command": command, "seconds": round(time.time() - start, 1), "log_tail": log[-3:]}
