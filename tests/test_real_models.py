@@ -237,7 +237,9 @@ def test_smollm2_writes_steps_and_every_graph_matches_circuit_tracer(smollm2):
     from crv.reasoner.generate import GenerationConfig, generate_records
 
     model_dir, tc_dir = smollm2
-    att = Attributor.load(model_dir, tc_dir, AttributionConfig(max_feature_nodes=256))
+    # greedy batch 16 (the paper's scripts' smallest): circuit-tracer's backward batch holds every layer's attention
+    # pattern for the batch, ~4 GB at 64 on this ~250-token prompt; the graph is defined by the setting, both sides use it
+    att = Attributor.load(model_dir, tc_dir, AttributionConfig(max_feature_nodes=256, batch_size=16))
     assert att.prompt_format == "chat" and att.tokenizer.eos_token == "<|im_end|>"
     recs = generate_records(att.model, att.encoder, generate_problems("arith", 3, 2, seed=5),
                             GenerationConfig(batch_size=2), progress=False)
