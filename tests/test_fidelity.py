@@ -342,3 +342,18 @@ def test_a_token_straddling_two_steps_belongs_to_both_and_the_prefix_ends_inside
     assert spans_of(offsets, [(0, 2), (3, 5)]) == ((1, 3), (2, 4))
     with pytest.raises(ValueError, match="no token covers"):
         spans_of(offsets, [(6, 6)])
+
+
+def test_export_keeps_the_prompt_text_as_given(llama3_dirs):
+    """circuit-tracer's frontend JSON carries the text the graph was computed on, not a join of per-token decodes
+    (which turns a character split across byte-level tokens into U+FFFD)."""
+    from crv.attribution.export import to_circuit_tracer_json
+
+    att = Attributor.load(*llama3_dirs, AttributionConfig(max_feature_nodes=20))
+    prob = generate_problems("arith", 2, 1, seed=3)[0]
+    rec = label_output(prob, prob.completion)
+    rec.question = rec.question + " — café"  # multi-byte characters the tiny BPE splits into byte tokens
+    view = att.record_steps(rec).step(0)
+    doc = to_circuit_tracer_json(view.graph, lambda t: att.tokenizer.decode([t]), "x")
+    assert doc["metadata"]["prompt"] == view.encoding.text and "café" in doc["metadata"]["prompt"]
+    assert "\ufffd" in "".join(doc["metadata"]["prompt_tokens"])  # what the old join would have shown
