@@ -52,13 +52,15 @@ def test_verify_answers_per_step(verifier):
 
 
 @pytest.mark.parametrize("body,status,words", [
-    ({**FAULTY, "steps": ["1+1=2 => 2"] * 40}, 413, "40 steps"),
+    ({**FAULTY, "steps": ["1+1=2 => 2"] * 40}, 422, "at most 32 items"),
     ({**FAULTY, "question": "1+" * 3000 + "1"}, 413, "characters"),
     ({**FAULTY, "steps": ["3+4=7 € 7"]}, 422, "'€'"),
     ({**FAULTY, "question": "(3+4)×2"}, 422, "'×'"),
     ({**FAULTY, "text": "3+4=7 => 7"}, 422, "exactly one"),
-    ({**FAULTY, "steps": []}, 422, "no steps"),
+    ({**FAULTY, "steps": []}, 422, "at least 1 item"),
     ({**FAULTY, "steps": ["   "]}, 422, "empty"),
+    ({**FAULTY, "steps": ["3+4=7 \ud800 => 7"]}, 422, "unicode"),
+    ({**FAULTY, "steps": None, "text": "3+4=7 => 7\udfff"}, 422, "surrogate"),
     ({**FAULTY, "steps": ["3+4=7\n => 7"]}, 422, "newline"),
     ({**FAULTY, "steps": "3+4=7 => 7"}, 422, "steps"),
     ({**FAULTY, "task": "chess"}, 422, "task"),
@@ -66,9 +68,57 @@ def test_verify_answers_per_step(verifier):
     ({"task": "arith"}, 422, "question"),
 ])
 def test_bad_requests_are_refused_with_the_reason(verifier, body, status, words):
-    r = TestClient(create_app(verifier)).post("/v1/verify", json=body)
+    import json
+
+    # as JSON text (ASCII escapes), so a lone surrogate travels as "\ud800", as a client would send it
+    r = TestClient(create_app(verifier)).post("/v1/verify", content=json.dumps(body),
+                                              headers={"Content-Type": "application/json"})
     assert r.status_code == status, r.text
     assert words in r.json()["detail"]
+
+
+@pytest.mark.parametrize("value", [1e308, 1e30, float("nan"), float("inf"), -float("inf")])
+def test_non_finite_or_huge_edit_values_are_refused(verifier, value):
+    import json
+
+    body = json.dumps({**FAULTY, "step_index": 1, "features": [[0, 1]], "mode": "set", "value": value})  # NaN/Infinity as JSON allows
+    r = TestClient(create_app(verifier)).post("/v1/intervene", content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 422 and "value" in r.json()["detail"], r.text
+
+
+def test_chunked_bodies_are_refused_at_the_limit_on_every_path(verifier):
+    """No Content-Length (chunked): the body is counted as it streams and refused at the limit, on /v1/* and on
+    paths that never read a body; with an API key set, before any key is checked."""
+    client = TestClient(create_app(verifier, ServiceSettings(max_body_bytes=2_000, api_key="k")))
+    chunks = lambda: (b"x" * 1024 for _ in range(100))  # noqa: E731
+    r = client.post("/v1/verify", content=chunks(), headers={"Content-Type": "application/json", "X-API-Key": "k"})
+    assert r.status_code == 413 and "2000 bytes" in r.json()["detail"], r.text
+    r = client.post("/v1/intervene", content=chunks(), headers={"Content-Type": "application/json"})  # no key
+    assert r.status_code == 401
+    assert client.post("/nothing", content=chunks()).status_code == 404  # never read, never held
+
+
+def test_a_streamed_body_never_grows_the_servers_memory(live_server):
+    """Against the real server (in this process): a 200 MB chunked body offered to /v1/verify and to a path that
+    reads no body is refused with 413 / 404 while resident memory stays flat (the body is never held)."""
+    import httpx
+
+    def rss_mb() -> float:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+    def chunks():
+        for _ in range(200):
+            yield b"x" * (1 << 20)
+
+    before = rss_mb()
+    for path, want in (("/v1/verify", 413), ("/nothing", 404)):
+        try:
+            r = httpx.post(live_server.url + path, content=chunks(), headers={"Content-Type": "application/json"}, timeout=60)
+            assert r.status_code == want, (path, r.status_code)
+        except httpx.HTTPError:
+            pass  # the server closed the connection while the client was still sending: also a refusal
+    assert rss_mb() - before < 50, (before, rss_mb())
 
 
 def test_malformed_and_huge_bodies(verifier):

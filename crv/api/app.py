@@ -29,7 +29,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
-from crv.api.schemas import (InterveneRequest, InterveneResponse, Problem, StepResult, TopFeature, VerifyRequest,
+from crv.api.schemas import (MAX_STEPS, InterveneRequest, InterveneResponse, Problem, StepResult, TopFeature, VerifyRequest,
                              VerifyResponse)
 from crv.api.verifier import StepFormatError, Verifier, split_text
 from crv.lm.encode import UnknownCharacterError
@@ -44,7 +44,7 @@ class ServiceSettings:
 
     max_body_bytes: int = 64_000  # 413 above
     max_chars: int = 4_000  # question + steps, 413 above
-    max_steps: int = 32  # 413 above
+    max_steps: int = MAX_STEPS  # 413 above (the schema refuses more than MAX_STEPS with 422)
     max_tokens: int | None = None  # default: the model's context; 413 above
     max_queue: int = 16  # requests waiting for the model; 429 above
     retry_after_s: int = 1
@@ -66,6 +66,78 @@ def check_bind(host: str, api_key: str | None) -> None:
     """Refuse to serve beyond loopback without an API key."""
     if not is_loopback(host) and not api_key:
         raise ValueError(f"refusing to listen on {host} without an API key: set {API_KEY_ENV} (loopback needs none)")
+
+
+class _BodyTooLarge(HTTPException):
+    """Raised from ``receive`` once a body crosses the limit: an HTTPException, so FastAPI's body reader passes
+    it on as a 413 (it turns any other exception there into a 400)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request body over the limit of {limit} bytes")
+
+
+class BodyLimit:
+    """ASGI middleware: at most ``limit`` request-body bytes on any path, counted as they stream in.
+
+    A declared ``Content-Length`` over the limit is answered 413 before anything is read; a body without one
+    (chunked) is counted chunk by chunk and answered 413 as soon as it crosses the limit, so a client can never
+    make the server hold more than ``limit`` bytes of one body. Nothing is read that the app does not ask for.
+    """
+
+    def __init__(self, app, limit: int) -> None:  # type: ignore[no-untyped-def]
+        self.app, self.limit = app, limit
+
+    async def _too_large(self, send) -> None:  # type: ignore[no-untyped-def]
+        body = ('{"detail": "request body over the limit of %d bytes"}' % self.limit).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope, receive, send):  # type: ignore[no-untyped-def]
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            return await self._too_large(send)
+        received, started = 0, False
+
+        async def limited_receive():  # type: ignore[no-untyped-def]
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise _BodyTooLarge(self.limit)
+            return message
+
+        async def tracking_send(message):  # type: ignore[no-untyped-def]
+            nonlocal started
+            started |= message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _BodyTooLarge:
+            if not started:
+                await self._too_large(send)
+
+
+class ApiKeyAuth:
+    """ASGI middleware: ``/v1/*`` needs the API key (``X-API-Key`` or ``Authorization: Bearer``) when one is set.
+    It reads headers only; the body is never touched here."""
+
+    def __init__(self, app, api_key: str | None) -> None:  # type: ignore[no-untyped-def]
+        self.app, self.api_key = app, api_key
+
+    async def __call__(self, scope, receive, send):  # type: ignore[no-untyped-def]
+        if scope["type"] == "http" and self.api_key and scope["path"].startswith("/v1/"):
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers") or []}
+            given = headers.get("x-api-key") or headers.get("authorization", "").removeprefix("Bearer ").strip()
+            if not hmac.compare_digest(given.encode("utf-8", "replace"), self.api_key.encode()):
+                response = JSONResponse({"detail": "missing or wrong API key (X-API-Key or Authorization: Bearer)"}, 401)
+                return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
 
 
 class _Queue:
@@ -103,20 +175,9 @@ def create_app(verifier: Verifier, settings: ServiceSettings = ServiceSettings()
                   responses={413: {"model": Problem}, 422: {"model": Problem}, 429: {"model": Problem}, 401: {"model": Problem}})
     max_tokens = settings.max_tokens or verifier.att.model.config.max_position_embeddings
 
-    @app.middleware("http")
-    async def limits_and_auth(request: Request, call_next):  # type: ignore[no-untyped-def]
-        if request.url.path.startswith("/v1/") and settings.api_key:
-            given = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-            if not hmac.compare_digest(given.encode(), settings.api_key.encode()):
-                return JSONResponse({"detail": "missing or wrong API key (X-API-Key or Authorization: Bearer)"}, 401)
-        if request.method == "POST":
-            size = request.headers.get("content-length")
-            if size is not None and (not size.isdigit() or int(size) > settings.max_body_bytes):
-                return JSONResponse({"detail": f"request body over the limit of {settings.max_body_bytes} bytes"}, 413)
-            body = await request.body()
-            if len(body) > settings.max_body_bytes:
-                return JSONResponse({"detail": f"request body over the limit of {settings.max_body_bytes} bytes"}, 413)
-        return await call_next(request)
+    app.add_middleware(ApiKeyAuth, api_key=settings.api_key)
+    # outermost: the body limit holds on every path, whatever reads the body, as the bytes stream in
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

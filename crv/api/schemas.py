@@ -2,11 +2,38 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 Task = Literal["arith", "bool"]
+
+#: the limits the handlers enforce, stated in the schema (the service may be started with other counts; the
+#: byte, character and token limits are in GET /v1/model)
+MAX_STEPS = 32
+#: the largest |value| an intervention may set or scale by (beyond it float32 activations overflow)
+MAX_EDIT_VALUE = 1e4
+
+
+def _valid_unicode(text: str) -> str:
+    """Refuse lone surrogates (JSON's ``\\ud800``): they are not text and cannot be tokenized."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("contains a lone surrogate (\\ud800-\\udfff): not valid Unicode text") from None
+    return text
+
+
+def _step(text: str) -> str:
+    if not text.strip():
+        raise ValueError("a step is empty or only whitespace")
+    if "\n" in text:
+        raise ValueError("a step contains a newline (send one step per list item)")
+    return _valid_unicode(text)
+
+
+Text = Annotated[str, AfterValidator(_valid_unicode)]
+Step = Annotated[str, Field(min_length=1), AfterValidator(_step)]
 
 
 class VerifyRequest(BaseModel):
@@ -14,9 +41,10 @@ class VerifyRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     task: Task
-    question: str = Field(min_length=1)
-    steps: list[str] | None = None
-    text: str | None = None
+    question: Text = Field(min_length=1, pattern=r"\S")
+    steps: list[Step] | None = Field(default=None, min_length=1, max_length=MAX_STEPS,
+                                     description="one step per item: non-empty, not blank, no newline")
+    text: Text | None = Field(default=None, min_length=1, description="one step per line; the `A:` line is left out")
     include_graph: bool = False
 
     @model_validator(mode="after")
@@ -56,12 +84,13 @@ class InterveneRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     task: Task
-    question: str = Field(min_length=1)
-    steps: list[str] = Field(min_length=1)
-    step_index: int = Field(ge=0)
+    question: Text = Field(min_length=1, pattern=r"\S")
+    steps: list[Step] = Field(min_length=1, max_length=MAX_STEPS)
+    step_index: int = Field(ge=0, lt=MAX_STEPS)
     features: list[tuple[int, int]] | Literal["auto"] = "auto"
     mode: Literal["clamp", "scale", "set"] = "clamp"
-    value: float = 0.0
+    value: float = Field(default=0.0, ge=-MAX_EDIT_VALUE, le=MAX_EDIT_VALUE, allow_inf_nan=False,
+                         description="the activation for `set`, the factor for `scale` (finite, |value| <= 1e4)")
     k: int = Field(default=3, ge=1, le=64)
 
 
