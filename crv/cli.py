@@ -244,7 +244,8 @@ def merge_adapter_cmd(
     manifest's sha256 of the merged weights."""
     import json
 
-    from crv.finetune.train import merge_adapter, sha256_file
+    from crv.digest import sha256_file
+    from crv.finetune.train import merge_adapter
 
     manifest_path = adapter / "crv_finetune.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}

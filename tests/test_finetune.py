@@ -85,7 +85,8 @@ def test_merged_model_is_read_by_crv_with_the_short_prompt(tiny_chat_llama, tmp_
         got = model(input_ids=ids).logits
     assert torch.allclose(want, got, atol=1e-5)
     # the rebuild path: the same base + the saved adapter give the same bytes, as the manifest records
-    from crv.finetune.train import merge_adapter, sha256_file
+    from crv.digest import sha256_file
+    from crv.finetune.train import merge_adapter
 
     manifest = json.loads((out / "adapter" / "crv_finetune.json").read_text())
     again = merge_adapter(tiny_chat_llama, out / "adapter", tmp_path / "rebuilt")

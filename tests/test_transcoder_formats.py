@@ -195,19 +195,49 @@ def test_bf16_weights_match_their_float32_values(tiny_gqa_llama_dir, tmp_path):
     assert (a.adjacency - b.adjacency).abs().max() <= 1e-5 * b.adjacency.abs().max()
 
 
-def test_identity_reads_no_weight_bytes(tmp_path):
+def test_identity_sees_the_weight_bytes_and_hashes_each_file_once(tmp_path, monkeypatch):
+    """Other weights under the same names, sizes and headers are another set; a set crv wrote is never hashed again
+    while its files are unchanged (the digest manifest beside them)."""
+    import crv.digest
+
     tc_dir = make_set(tmp_path / "tc", "relu", skip=False)
+    hashed = []
+    real = crv.digest.sha256_file
+    monkeypatch.setattr(crv.digest, "sha256_file", lambda p: hashed.append(Path(p).name) or real(p))
+    crv.digest._memory.clear()
     before = load_transcoders(tc_dir).checksum()
+    assert hashed == []  # save_transcoders recorded the digests as it wrote the files
     f = tc_dir / "layer_1.safetensors"
     data = bytearray(f.read_bytes())
     data[-64:] = bytes(64)  # overwrite weight bytes, same size, same header
     f.write_bytes(bytes(data))
-    assert load_transcoders(tc_dir).checksum() == before
+    after = load_transcoders(tc_dir).checksum()
+    assert after != before and hashed == ["layer_1.safetensors"]
+    assert load_transcoders(tc_dir).checksum() == after and hashed == ["layer_1.safetensors"]
     _write_config(tc_dir, activation="jumprelu")
     with pytest.raises(TranscoderFormatError):
         load_transcoders(tc_dir)
     _write_config(tc_dir, activation="relu", model_name="other")
-    assert load_transcoders(tc_dir).checksum() != before
+    assert load_transcoders(tc_dir).checksum() != after
+
+
+def test_a_model_with_other_weights_under_the_same_name_gets_another_id(tiny_gqa_llama_dir, tmp_path):
+    """The experiment of the reliability report: a copy of a model with other weights (same names, sizes, headers) in
+    a directory of the same name must not share its id, so stored entries are not reused for it."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from crv.attribution.attributor import model_checksum
+
+    a, b = tmp_path / "a" / "model", tmp_path / "b" / "model"
+    shutil.copytree(tiny_gqa_llama_dir, a)
+    shutil.copytree(tiny_gqa_llama_dir, b)
+    w = load_file(b / "model.safetensors")
+    save_file({k: (v.flip(0) if v.ndim else v).contiguous() for k, v in w.items()}, str(b / "model.safetensors"),
+              metadata={"format": "pt"})
+    assert (a / "model.safetensors").stat().st_size == (b / "model.safetensors").stat().st_size
+    assert model_checksum(a) != model_checksum(b) and model_checksum(a) == model_checksum(tiny_gqa_llama_dir)
 
 
 def test_no_engine_tensor_is_created_without_a_device(tiny_gqa_llama_dir, tmp_path):

@@ -33,7 +33,7 @@ from crv.lm.load import DEFAULT_MODEL_DIR, load_model
 from crv.lm.prompt import PlainFormat
 from crv.tasks.schema import Record
 from crv.transcoders.io import TranscoderSet, load_transcoders
-from crv.transcoders.safetensors_file import file_identity
+from crv.digest import content_identity
 
 #: where a step's graph is computed: "last" = the step's last token (the paper's "after");
 #: "result" = the token holding the step's "=" (the model is about to write the result; "last" if there is none);
@@ -138,9 +138,10 @@ class TraceSteps:
 
 
 def model_checksum(path: Path) -> str:
-    """Cheap identity (16 hex digits) of a model directory: config, tokenizer, and each weight file's size and header."""
+    """Identity (16 hex digits) of a model directory: config, tokenizer and the sha256 of every weight file's bytes
+    (cached beside them, :mod:`crv.digest`): other weights under the same names and sizes get another identity."""
     extra = b"".join((path / n).read_bytes() for n in ("config.json", "tokenizer.json") if (path / n).is_file())
-    return file_identity(sorted(path.glob("*.safetensors")), extra)
+    return content_identity(sorted(path.glob("*.safetensors")), extra)
 
 
 @dataclass

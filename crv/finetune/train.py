@@ -25,6 +25,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from crv.digest import sha256_file
+from crv.digest import record_digest
 from crv.finetune.data import IGNORE, Curriculum, collate, make_example
 from crv.lm.encode import TraceEncoder
 from crv.lm.load import CRV_MODEL_FILE, load_model, model_notes, stop_token_ids
@@ -262,17 +264,6 @@ class FinetuneRun:
         return out
 
 
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file's bytes (read in 1 MiB chunks)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out: str | Path) -> Path:
     """The base model with the adapter's LoRA weights merged in, written to ``out`` as a crv model directory
     (safetensors, tokenizer, ``crv_model.json`` with the short chat prompt it was trained on). Deterministic:
@@ -284,6 +275,7 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out: str | Path
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     out.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(str(out), safe_serialization=True)
+    record_digest(*sorted(out.glob("*.safetensors")))
     tok.padding_side = "right"
     tok.save_pretrained(str(out), legacy_format=False)
     notes = {**model_notes(base_dir), "prompt_format": "chat", "chat": SHORT_CHAT,

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from crv.digest import record_digest
 from crv.lm.families import check_supported
 from crv.lm.load import CRV_MODEL_FILE, ModelLoadError
 from crv.lm.prompt import default_format_name
@@ -83,6 +84,7 @@ def import_model(source: str | Path, out: str | Path, dtype: torch.dtype = torch
     model.generation_config.pad_token_id = tok.pad_token_id
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
+    record_digest(*sorted(out.glob("*.safetensors")))  # the identity crv names this model by (crv.digest)
     tok.save_pretrained(out, legacy_format=False)  # tokenizer.json only (a GGUF source would be copied as tokenizer.model)
     notes = {
         "source": str(source.resolve()),

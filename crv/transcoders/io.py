@@ -31,7 +31,8 @@ from crv.transcoders.activation_functions import JumpReLU, make_activation
 from crv.transcoders.formats import (
     K_TENSOR, REQUIRED, SKIP, THRESHOLD, TranscoderFormat, TranscoderFormatError, read_format,
 )
-from crv.transcoders.safetensors_file import SafetensorsError, SafetensorsFile, file_identity
+from crv.digest import content_identity, record_digest
+from crv.transcoders.safetensors_file import SafetensorsError, SafetensorsFile
 from crv.transcoders.transcoder import Transcoder
 
 #: Where the shipped transcoders live, relative to the repository root.
@@ -68,6 +69,7 @@ def save_transcoders(
             tensors[THRESHOLD] = tc.activation.threshold
         tensors = {n: t.detach().to(dtype).contiguous().cpu() for n, t in tensors.items()}
         save_file(tensors, str(path / name), metadata={"layer": str(i)})
+        record_digest(path / name)
         files.append(name)
     first = transcoders[0]
     config = {
@@ -299,9 +301,10 @@ class TranscoderSet:
         return out
 
     def checksum(self) -> str:
-        """Identity of the set (16 hex digits): config, file names, sizes and safetensors headers; reads no weights."""
+        """Identity of the set (16 hex digits): config and the sha256 of each layer file's bytes (hashed once, then
+        cached beside the files while their size and mtime hold, :mod:`crv.digest`)."""
         if self._checksum is None:
-            self._checksum = file_identity([f.path for f in self.files], (self.path / "config.yaml").read_bytes())
+            self._checksum = content_identity([f.path for f in self.files], (self.path / "config.yaml").read_bytes())
         return self._checksum
 
     def describe(self) -> str:

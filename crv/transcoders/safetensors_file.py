@@ -13,7 +13,6 @@ No pickle anywhere: the header is JSON and the data are raw numbers.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import struct
 from dataclasses import dataclass
@@ -128,12 +127,3 @@ class SafetensorsFile:
         self._count(name, len(unique) * info.row_bytes)
         got = self._to_torch(self._map(info)[unique.numpy()], info)
         return got[inverse]
-
-
-def file_identity(paths: list[Path], extra: bytes = b"") -> str:
-    """Cheap identity of a set of safetensors files: names, sizes and headers (never the weight bytes)."""
-    h = hashlib.sha256(extra)
-    for p in paths:
-        raw, _ = read_header(p)
-        h.update(f"{p.name}:{p.stat().st_size}:".encode() + raw)
-    return h.hexdigest()[:16]
