@@ -270,4 +270,4 @@ def test_cli_names_the_k_fix_and_takes_engine_options(tiny_gqa_llama_dir, tmp_pa
     assert refused.exit_code != 0 and "--k" in refused.output
     done = CliRunner().invoke(app, [*args, "--k", str(K), "--dtype", "bfloat16"])
     assert done.exit_code == 0, done.output
-    assert len(list((tmp_path / "graphs").rglob("*.safetensors"))) == len(rec.steps)
+    assert len(list((tmp_path / "graphs").rglob("*.json.gz"))) == len(rec.steps)

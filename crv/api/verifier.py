@@ -21,7 +21,7 @@ import torch
 from crv.attribution.attributor import Attributor
 from crv.attribution.engine import AttributionConfig
 from crv.attribution.graph import Graph
-from crv.attribution.prune import Pruned
+from crv.attribution.export import graph_json
 from crv.classify.model import DEFAULT_CLASSIFIER, StepClassifier
 from crv.lm.encode import EncodedTrace
 from crv.tasks.cot import ANSWER_PREFIX
@@ -55,24 +55,6 @@ def _file_checksum(*paths: Path) -> str:
     for p in paths:
         h.update(p.read_bytes())
     return h.hexdigest()[:16]
-
-
-def graph_json(graph: Graph, pruned: Pruned, decode) -> dict:  # type: ignore[no-untyped-def]
-    """The pruned graph as plain JSON: nodes (kind, layer, position, feature / token, activation, influence) and edges."""
-    keep = pruned.node_mask.nonzero(as_tuple=True)[0].tolist()
-    table = graph.node_table()
-    index = {old: new for new, old in enumerate(keep)}
-    nodes = []
-    for old in keep:
-        row = dict(table[old])
-        if "token" in row:
-            row["text"] = decode([row["token"]])
-        row["influence"] = float(pruned.node_influence[old])
-        nodes.append(row)
-    dst, src = pruned.edges()
-    edges = [{"source": index[s], "target": index[d], "weight": float(graph.adjacency[d, s])}
-             for s, d in zip(src.tolist(), dst.tolist()) if s in index and d in index]
-    return {"n_layers": graph.n_layers, "n_positions": graph.n_pos, "nodes": nodes, "edges": edges}
 
 
 class Verifier:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from crv.attribution.graph import Graph
-from crv.attribution.prune import prune
+from crv.attribution.prune import Pruned, prune
 
 
 def _cantor(x: int, y: int) -> int:
@@ -96,3 +96,40 @@ def write_circuit_tracer_files(
     meta["graphs"] = [g for g in meta["graphs"] if g.get("slug") != slug] + [doc["metadata"]]
     index.write_text(json.dumps(meta, indent=2))
     return path
+
+
+def graph_json(graph: Graph, pruned: Pruned, decode) -> dict:  # type: ignore[no-untyped-def]
+    """The pruned graph as plain JSON: nodes (kind, layer, position, feature / token, activation, influence) and edges."""
+    keep = pruned.node_mask.nonzero(as_tuple=True)[0].tolist()
+    table = graph.node_table()
+    index = {old: new for new, old in enumerate(keep)}
+    nodes = []
+    for old in keep:
+        row = dict(table[old])
+        if "token" in row:
+            row["text"] = decode([row["token"]])
+        row["influence"] = float(pruned.node_influence[old])
+        nodes.append(row)
+    dst, src = pruned.edges()
+    edges = [{"source": index[s], "target": index[d], "weight": float(graph.adjacency[d, s])}
+             for s, d in zip(src.tolist(), dst.tolist()) if s in index and d in index]
+    return {"n_layers": graph.n_layers, "n_positions": graph.n_pos, "nodes": nodes, "edges": edges}
+
+
+def write_pruned_graph(graph: Graph, pruned: Pruned, path: str | Path, decode) -> Path:  # type: ignore[no-untyped-def]
+    """Write ``<path>.json.gz``: the pruned graph (kept nodes with their influence, kept edges, :func:`graph_json`),
+    the graph's metadata and its size before pruning -- what the fingerprint and the viewer need, a few KB per step
+    where the dense adjacency (``Graph.save``) is ``n_nodes^2`` floats."""
+    import gzip
+    import os
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"n_layers": graph.n_layers, "meta": graph.meta, "n_nodes_before_pruning": int(graph.adjacency.shape[0]),
+           "n_active_features": int(graph.active_features.shape[0]), **graph_json(graph, pruned, decode)}
+    out = path.with_name(path.name + ".json.gz")
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    with gzip.open(tmp, "wt", encoding="utf-8") as f:
+        json.dump(doc, f, default=str, separators=(",", ":"))
+    os.replace(tmp, out)
+    return out
