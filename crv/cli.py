@@ -27,7 +27,8 @@ def _load(fn):  # type: ignore[no-untyped-def]
     except (ModelLoadError, UnsupportedModelError, TranscoderFormatError, FileNotFoundError) as e:
         raise typer.BadParameter(str(e)) from e
     except ValueError as e:  # e.g. an unknown prompt format, or chat without a chat template
-        raise typer.BadParameter(str(e), param_hint="--prompt-format") from e
+        hint = "--prompt-format" if "prompt format" in str(e) or "chat template" in str(e) else None
+        raise typer.BadParameter(str(e), param_hint=hint) from e
 
 
 #: torch threads, on every command that computes (on a shared machine 1 keeps times steady)
@@ -369,6 +370,12 @@ def label_cmd(
     soft.write_text(json.dumps({r.problem_id: list(d.soft) for r, d in zip(recs, done)}) + "\n")
     changed = sum(d.record.labels != r.labels for r, d in zip(recs, done))
     typer.echo(f"wrote {len(done)} records to {out} ({changed} relabelled), per-step soft estimates to {soft}")
+    if done and not any(x > 0 for d in done for x in d.soft):
+        typer.echo(f"crv: error: no rollout reached the reference answer from any step of any record, so every step "
+                   f"was labelled faulty; the labels say nothing. Check the records' `answer` field, --max-new-tokens "
+                   f"({max_new_tokens}), --temperature and that the model writes `A: <answer>` in its prompt format.",
+                   err=True)
+        raise typer.Exit(1)
 
 
 @app.command("attribute")

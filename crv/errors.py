@@ -12,8 +12,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from crv.transcoders.io import TranscoderLoadError
     from crv.transcoders.safetensors_file import SafetensorsError
 
+    import httpx
+
     return (RecordError, ModelLoadError, UnsupportedModelError, TranscoderFormatError, TranscoderLoadError,
-            SafetensorsError, FileNotFoundError, ValueError)
+            SafetensorsError, FileNotFoundError, ValueError, ConnectionError, httpx.TransportError)
 
 
 USER_ERRORS = _user_errors()

@@ -20,7 +20,6 @@ import torch
 
 from crv.attribution.attributor import Attributor
 from crv.attribution.engine import AttributionConfig
-from crv.attribution.graph import Graph
 from crv.attribution.export import graph_json
 from crv.classify.model import DEFAULT_CLASSIFIER, StepClassifier
 from crv.lm.encode import EncodedTrace

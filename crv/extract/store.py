@@ -21,6 +21,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import platform
 import time
 from dataclasses import dataclass
@@ -39,6 +40,17 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _alive(pid: int) -> bool:
+    """True if a process ``pid`` exists (on this machine)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -67,6 +79,16 @@ class TraceStore:
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
+        self._remove_stale_temp_files()
+
+    def _remove_stale_temp_files(self) -> None:
+        """Temp files of writers that died (``.<name>.<pid>.tmp*`` whose process is gone) are removed on open."""
+        if not self.root.is_dir():
+            return
+        for p in self.root.glob("??/.*.tmp*"):
+            m = re.search(r"\.(\d+)\.tmp", p.name)
+            if m and not _alive(int(m.group(1))):
+                p.unlink(missing_ok=True)
 
     def _base(self, key: str) -> Path:
         return self.root / key[:2] / key
@@ -128,7 +150,8 @@ class TraceStore:
 
     def keys(self) -> list[str]:
         """Keys of the committed entries (checksums not verified)."""
-        return sorted(p.name[: -len(".json")] for p in self.root.glob("??/*.json") if not p.name.endswith(".graphs.json"))
+        return sorted(p.name[: -len(".json")] for p in self.root.glob("??/*.json")
+                      if not p.name.endswith(".graphs.json") and not p.name.startswith("."))  # temp files are not entries
 
     def record_run(self, settings: dict, n_traces: int, computed: int) -> None:
         """Append this run to ``manifest.json`` (settings, versions, counts)."""

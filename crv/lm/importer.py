@@ -59,7 +59,9 @@ def import_model(source: str | Path, out: str | Path, dtype: torch.dtype = torch
     elif (source / "config.json").is_file():
         kw, where = {}, source
         if not any(source.glob("*.safetensors")):
-            raise ModelLoadError(f"{source}: no *.safetensors weights; crv reads safetensors or GGUF only "
+            raise ModelLoadError(f"{source}: no *.safetensors weights; crv reads safetensors or GGUF only (if you trust "
+                                 "the checkpoint: AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(OUT, "
+                                 "safe_serialization=True) converts it) "
                                  "(it never unpickles .bin files)")
     else:
         raise ModelLoadError(f"{source}: expected a .gguf file or a directory with config.json")

@@ -91,8 +91,9 @@ def load_model(
     config = AutoConfig.from_pretrained(str(path), local_files_only=True)
     check_supported(config)
     if not any(path.glob("*.safetensors")):
-        raise ModelLoadError(f"{path}: no *.safetensors weights (crv never unpickles .bin files); "
-                             "convert with `crv import-model`")
+        raise ModelLoadError(f"{path}: no *.safetensors weights, and crv never unpickles .bin files (nor does "
+                             "`crv import-model`); if you trust the checkpoint, convert it once with transformers: "
+                             "AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(OUT, safe_serialization=True)")
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True, use_safetensors=True)
     model.to(device).eval()
     return model, load_tokenizer(path)

@@ -217,7 +217,8 @@ class TranscoderSet:
         self.config: dict = config
         names = config.get("transcoders")
         if names is None:
-            found = sorted(self.path.glob("layer_*.safetensors"), key=lambda p: int(p.stem.split("_")[1]))
+            found = sorted((p for p in self.path.glob("layer_*.safetensors") if p.stem.split("_", 1)[1].isdigit()),
+                           key=lambda p: int(p.stem.split("_")[1]))  # layer_<i> only (a stray layer_final is not a layer)
             names = [p.name for p in found]
         paths = [self._resolve(str(f)) for f in names]
         expected = n_layers if n_layers is not None else len(paths)
@@ -272,7 +273,10 @@ class TranscoderSet:
         want = {"W_enc": (d, m), "W_dec": (d, m), "b_enc": (d,), "b_dec": (m,), THRESHOLD: (d,), SKIP: (m, m)}
         for name, shape in want.items():
             if name in f and f.info(name).shape != shape:
-                raise TranscoderLoadError(f"{f.path}: {name} has shape {list(f.info(name).shape)}, expected {list(shape)}")
+                got = f.info(name).shape
+                hint = (f" (transposed: crv and circuit-tracer read {name} as [d_transcoder, d_model]; save {name}.T)"
+                        if len(shape) == 2 and got == shape[::-1] and shape[0] != shape[1] else "")
+                raise TranscoderLoadError(f"{f.path}: {name} has shape {list(got)}, expected {list(shape)}{hint}")
 
     @property
     def k(self) -> int | None:
