@@ -603,7 +603,9 @@ def serve_cmd(
     classifier: Optional[Path] = typer.Option(None, help="Verifier (default: the shipped one)."),
     threshold: float = typer.Option(0.5, help="p_faulty at or above which a step is flagged."),
     max_queue: int = typer.Option(16, help="Requests that may wait for the model (429 beyond)."),
-    threads: int = typer.Option(2, help="torch threads of the model thread."),
+    max_wait: float = typer.Option(2.0, help="Seconds an accepted request may wait for the model (503 + Retry-After beyond)."),
+    threads: int = typer.Option(1, help="torch threads of the model thread (1: on a 2-core machine shared with another "
+                                        "busy process, 2 threads took 14.9 s for a 4-step verify, 1 thread 82 ms/step)."),
     max_feature_nodes: Optional[int] = typer.Option(None, help="Feature-node cap (default: the classifier's training setting; 0: uncapped)."),
     device: str = DEVICE_OPTION,
     dtype: str = DTYPE_OPTION,
@@ -612,6 +614,7 @@ def serve_cmd(
 ) -> None:
     """Serve the step-verification API and trace viewer (API key from $CRV_API_KEY)."""
     import os
+    import signal
 
     import torch
     import uvicorn
@@ -628,7 +631,13 @@ def serve_cmd(
     verifier = _load(lambda: Verifier.load(model, transcoders, classifier, threshold, prompt_format, device=device,
                                            dtype=_dtype(dtype), k=k, max_feature_nodes=max_feature_nodes, batch_size=batch_size))
     typer.echo(f"crv serve: {verifier.att.model_id}, classifier {verifier.classifier_id}; http://{host}:{port}/ (docs at /docs)")
-    uvicorn.run(create_app(verifier, ServiceSettings(max_queue=max_queue, api_key=key, torch_threads=threads)), host=host, port=port, log_level="warning")
+    # uvicorn shuts down gracefully on SIGTERM (stops accepting, answers what is in flight, stops the model thread),
+    # then re-raises the signal to the handler it found: a no-op here, so a graceful stop exits 0
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    uvicorn.run(create_app(verifier, ServiceSettings(max_queue=max_queue, max_wait_s=max_wait, api_key=key,
+                                                       torch_threads=threads)),
+                host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)
+    typer.echo("crv serve: stopped (requests in flight were answered)")
 
 
 @app.command("verify")

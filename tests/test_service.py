@@ -1,7 +1,9 @@
 """The step-verification service: answers, limits, auth, the queue, fuzzing, the client and the CLI."""
 
 import json
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -175,6 +177,45 @@ def test_full_queue_answers_429(verifier):
     assert first["r"].status_code == 200
 
 
+def test_an_accepted_request_waits_at_most_max_wait_then_503_and_metrics_count_it(verifier):
+    """While the model is held, a queued request is answered 503 with Retry-After after ``max_wait_s`` (not left
+    waiting); /metrics reports the queue, the waits, the statuses and the engine's stage times."""
+    import time
+
+    release, entered = threading.Event(), threading.Event()
+
+    class Slow:
+        att, classifier, classifier_id = verifier.att, verifier.classifier, verifier.classifier_id
+
+        def n_tokens(self, task, q, s):
+            return verifier.n_tokens(task, q, s)
+
+        def verify(self, *a, **k):
+            if not entered.is_set():
+                entered.set()
+                release.wait(30)
+            return verifier.verify(*a, **k)
+
+    client = TestClient(create_app(Slow(), ServiceSettings(max_queue=4, max_wait_s=0.5, retry_after_s=3)))  # type: ignore[arg-type]
+    first: dict = {}
+    t = threading.Thread(target=lambda: first.update(r=client.post("/v1/verify", json=FAULTY)))
+    t.start()
+    assert entered.wait(30)
+    start = time.monotonic()
+    r = client.post("/v1/verify", json=FAULTY)
+    waited = time.monotonic() - start
+    assert r.status_code == 503 and r.headers["Retry-After"] == "3" and 0.45 <= waited < 5, (r.status_code, waited)
+    release.set()
+    t.join(60)
+    assert first["r"].status_code == 200
+    assert client.post("/v1/verify", json=FAULTY).status_code == 200  # the model is free again
+    text = client.get("/metrics").text
+    assert 'crv_requests_total{path="/v1/verify",status="503"} 1' in text
+    assert 'crv_requests_total{path="/v1/verify",status="200"} 2' in text
+    assert "crv_queue_wait_seconds_count 2" in text and "crv_queue_length 0" in text
+    assert 'crv_stage_seconds_total{stage="forward"}' in text
+
+
 def test_intervene_endpoint(verifier):
     client = TestClient(create_app(verifier))
     r = client.post("/v1/intervene", json={**FAULTY, "step_index": 2, "features": "auto", "mode": "clamp"})
@@ -294,3 +335,42 @@ def test_model_work_runs_on_one_thread_that_exits_with_the_app(verifier):
     assert len(seen) == 3 and len(set(seen)) == 1 and seen[0].name.startswith("crv-model"), seen
     assert seen[0] is not threading.main_thread()
     assert not seen[0].is_alive()  # the app's shutdown stopped it
+
+
+@pytest.mark.slow
+def test_sigterm_lets_the_request_in_flight_finish(tmp_path):
+    """`crv serve` on SIGTERM stops accepting, answers the request it is working on, and exits 0."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import time
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    crv = str(Path(sys.executable).with_name("crv"))
+    proc = subprocess.Popen([crv, "serve", "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        result: dict = {}
+        long = {**FAULTY, "steps": FAULTY["steps"] * 4}  # 12 steps: long enough to be in flight
+        t = threading.Thread(target=lambda: result.update(r=httpx.post(url + "/v1/verify", json=long, timeout=60)))
+        t.start()
+        time.sleep(0.3)
+        os.kill(proc.pid, signal.SIGTERM)
+        t.join(60)
+        assert result["r"].status_code == 200 and len(result["r"].json()["steps"]) == 12
+        assert proc.wait(60) == 0
+        assert "stopped" in proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -26,7 +26,7 @@ import torch
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
 
 from crv.api.schemas import (MAX_STEPS, InterveneRequest, InterveneResponse, Problem, StepResult, TopFeature, VerifyRequest,
@@ -47,6 +47,7 @@ class ServiceSettings:
     max_steps: int = MAX_STEPS  # 413 above (the schema refuses more than MAX_STEPS with 422)
     max_tokens: int | None = None  # default: the model's context; 413 above
     max_queue: int = 16  # requests waiting for the model; 429 above
+    max_wait_s: float = 2.0  # an accepted request waits at most this long for the model, else 503 + Retry-After
     retry_after_s: int = 1
     api_key: str | None = None  # required on /v1/* when set
     torch_threads: int = 0  # torch threads of the model thread (0: torch's default)
@@ -140,11 +141,43 @@ class ApiKeyAuth:
         return await self.app(scope, receive, send)
 
 
-class _Queue:
-    """At most one request on the model (always the same thread); at most ``limit`` waiting."""
+class Metrics:
+    """Counters and sums for ``GET /metrics`` (Prometheus text format 0.0.4)."""
 
-    def __init__(self, limit: int, torch_threads: int = 0) -> None:
-        self.limit, self.pending = limit, 0
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, int], int] = {}
+        self.wait_count, self.wait_sum, self.wait_max = 0, 0.0, 0.0
+        self.model_count, self.model_sum = 0, 0.0
+        self.stage_seconds: dict[str, float] = {}
+
+    def observe_wait(self, seconds: float) -> None:
+        self.wait_count, self.wait_sum, self.wait_max = self.wait_count + 1, self.wait_sum + seconds, max(self.wait_max, seconds)
+
+    def text(self, queue_length: int) -> str:
+        lines = ["# HELP crv_queue_length Requests waiting for or running on the model.", "# TYPE crv_queue_length gauge",
+                 f"crv_queue_length {queue_length}",
+                 "# HELP crv_requests_total Answered requests by path and status.", "# TYPE crv_requests_total counter"]
+        lines += [f'crv_requests_total{{path="{path}",status="{status}"}} {n}'
+                  for (path, status), n in sorted(self.requests.items())]
+        lines += ["# HELP crv_queue_wait_seconds Time accepted requests waited for the model.",
+                  "# TYPE crv_queue_wait_seconds summary", f"crv_queue_wait_seconds_count {self.wait_count}",
+                  f"crv_queue_wait_seconds_sum {self.wait_sum:.6f}",
+                  "# HELP crv_queue_wait_seconds_max Longest wait so far.", "# TYPE crv_queue_wait_seconds_max gauge",
+                  f"crv_queue_wait_seconds_max {self.wait_max:.6f}",
+                  "# HELP crv_model_seconds Time requests held the model.", "# TYPE crv_model_seconds summary",
+                  f"crv_model_seconds_count {self.model_count}", f"crv_model_seconds_sum {self.model_sum:.6f}",
+                  "# HELP crv_stage_seconds_total Engine time per stage (forward, rows, greedy, adjacency, logits).",
+                  "# TYPE crv_stage_seconds_total counter"]
+        lines += [f'crv_stage_seconds_total{{stage="{k}"}} {v:.6f}' for k, v in sorted(self.stage_seconds.items())]
+        return "\n".join(lines) + "\n"
+
+
+class _Queue:
+    """At most one request on the model (always the same thread); at most ``limit`` waiting, each at most ``max_wait``."""
+
+    def __init__(self, limit: int, torch_threads: int = 0, max_wait: float = 2.0, metrics: Metrics | None = None) -> None:
+        self.limit, self.pending, self.max_wait = limit, 0, max_wait
+        self.metrics = metrics or Metrics()
         self.lock = asyncio.Lock()
         init = (lambda: torch.set_num_threads(torch_threads)) if torch_threads else None
         self.thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="crv-model", initializer=init)
@@ -154,16 +187,29 @@ class _Queue:
             raise HTTPException(429, f"queue full ({self.limit} requests waiting); retry later",
                                 headers={"Retry-After": str(retry_after)})
         self.pending += 1
+        start = time.monotonic()
         try:
-            async with self.lock:
+            try:
+                await asyncio.wait_for(self.lock.acquire(), timeout=self.max_wait)
+            except asyncio.TimeoutError:
+                raise HTTPException(503, f"the model stayed busy for {self.max_wait:g} s; retry later",
+                                    headers={"Retry-After": str(retry_after)}) from None
+            self.metrics.observe_wait(time.monotonic() - start)
+            try:
+                t0 = time.monotonic()
                 return await asyncio.get_running_loop().run_in_executor(self.thread, fn)
+            finally:
+                self.metrics.model_count += 1
+                self.metrics.model_sum += time.monotonic() - t0
+                self.lock.release()
         finally:
             self.pending -= 1
 
 
 def create_app(verifier: Verifier, settings: ServiceSettings = ServiceSettings()) -> FastAPI:
     """The service app around a loaded verifier."""
-    queue = _Queue(settings.max_queue, settings.torch_threads)
+    metrics = Metrics()
+    queue = _Queue(settings.max_queue, settings.torch_threads, settings.max_wait_s, metrics)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):  # type: ignore[no-untyped-def]
@@ -200,9 +246,21 @@ def create_app(verifier: Verifier, settings: ServiceSettings = ServiceSettings()
         if tokens > max_tokens:
             raise HTTPException(413, f"{tokens} tokens: over the limit of {max_tokens} tokens")
 
+    @app.middleware("http")
+    async def count(request: Request, call_next):  # type: ignore[no-untyped-def]
+        response = await call_next(request)
+        path = request.url.path if request.url.path in ("/v1/verify", "/v1/intervene", "/v1/model", "/healthz",
+                                                        "/metrics") else "other"
+        metrics.requests[(path, response.status_code)] = metrics.requests.get((path, response.status_code), 0) + 1
+        return response
+
     @app.get("/healthz")
     async def healthz() -> dict:
         return {"status": "ok", "queue": queue.pending}
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus() -> PlainTextResponse:
+        return PlainTextResponse(metrics.text(queue.pending), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/model")
     async def model_info() -> dict:
@@ -218,7 +276,8 @@ def create_app(verifier: Verifier, settings: ServiceSettings = ServiceSettings()
         check_size(req.task, req.question, steps)
         start = time.perf_counter()
         try:
-            verdicts = await queue.run(lambda: verifier.verify(req.task, req.question, steps, req.include_graph),
+            verdicts = await queue.run(lambda: verifier.verify(req.task, req.question, steps, req.include_graph,
+                                                               stage_seconds=metrics.stage_seconds),
                                        settings.retry_after_s)
         except (StepFormatError, UnknownCharacterError) as e:
             raise HTTPException(422, str(e)) from e

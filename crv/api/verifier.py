@@ -106,8 +106,10 @@ class Verifier:
         return self.att.encoder.encode(task, question, steps)
 
     @torch.no_grad()
-    def verify(self, task: str, question: str, steps: Sequence[str], include_graph: bool = False) -> list[StepVerdict]:
-        """Verdicts for every step; all share one forward pass and one row cache."""
+    def verify(self, task: str, question: str, steps: Sequence[str], include_graph: bool = False,
+               stage_seconds: dict[str, float] | None = None) -> list[StepVerdict]:
+        """Verdicts for every step; all share one forward pass and one row cache. ``stage_seconds``, if given, is
+        added the engine's time per stage (forward, rows, greedy, adjacency, logits)."""
         trace = self.att.steps(self.encode(task, question, steps), {"task": task})
         out, rows = [], []
         for k in range(len(steps)):
@@ -120,6 +122,9 @@ class Verifier:
             top = [(int(sel[i][0]), int(sel[i][1]), int(sel[i][2]), float(infl[i])) for i in order]
             g = graph_json(graph, pr, self.att.tokenizer.decode) if include_graph else None
             out.append(StepVerdict(k, steps[k], 0.0, False, self.threshold, top, fp, g))
+        if stage_seconds is not None:
+            for stage, sec in trace.shared.timer.totals.items():
+                stage_seconds[stage] = stage_seconds.get(stage, 0.0) + sec
         p = self.classifier.predict_proba(pd.DataFrame(rows))[:, 1]
         for v, pk in zip(out, p):
             v.p_faulty, v.flagged = float(pk), bool(pk >= self.threshold)
