@@ -13,6 +13,14 @@ then, all bounded in count and time:
    malformed ones) -> relative growth.
 
 Writes benchmarks/results/service.json.
+
+    python benchmarks/service.py --overload       # only the overload run -> service.json["overload"] (other keys kept)
+
+Overload: ``--clients`` (50) clients send 5-step traces without pause for ``--overload-seconds`` (60), no
+retries, against a server with the default admission settings (queue 16, an accepted request waits at
+most 2 s, 1 torch thread); once alone and once with a busy neighbour process (a Python loop on one core).
+Per run: accepted and rejected requests (429 queue full, 503 waited too long), accepted latency p50 / p95,
+the longest queue wait the server saw (/metrics), the server's peak RSS, and any 5xx other than 503.
 """
 
 from __future__ import annotations
@@ -103,6 +111,100 @@ def throughput(url: str, traces: list[dict], clients: int, seconds: float, max_r
     return state["steps"] / wall, state["errors"], state["sent"]
 
 
+def start_server(port: int, extra: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "CRV_API_KEY": ""}
+    server = subprocess.Popen([sys.executable, "-m", "crv.cli", "serve", "--port", str(port), *extra], env=env)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        if server.poll() is not None:
+            raise RuntimeError("the server exited")
+        time.sleep(0.2)
+    raise RuntimeError("the server did not come up")
+
+
+def overload_run(traces: list[dict], clients: int, seconds: float, neighbour: bool) -> dict:
+    """One overload run against a fresh server (default admission settings); see the module docstring."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    busy = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 3600\nwhile time.time() < end: pass"]) \
+        if neighbour else None
+    server = start_server(port, [])
+    lock = threading.Lock()
+    state: dict = {"accepted": [], "429": 0, "503": 0, "other": 0, "5xx": 0, "rss": 0.0}
+    deadline = time.perf_counter() + seconds
+
+    def worker(i: int) -> None:
+        with httpx.Client(base_url=url, timeout=120) as c:
+            k = i
+            while time.perf_counter() < deadline:
+                body = traces[k % len(traces)]
+                k += clients
+                t0 = time.perf_counter()
+                try:
+                    r = c.post("/v1/verify", json=body)
+                except httpx.HTTPError:
+                    with lock:
+                        state["other"] += 1
+                    continue
+                dt = time.perf_counter() - t0
+                with lock:
+                    if r.status_code == 200:
+                        state["accepted"].append(dt)
+                    elif r.status_code in (429, 503):
+                        state[str(r.status_code)] += 1
+                        time.sleep(0.05)  # a client that obeys no Retry-After: the worst case, bounded
+                    else:
+                        state["5xx" if r.status_code >= 500 else "other"] += 1
+
+    def watch() -> None:
+        while time.perf_counter() < deadline + 5 and server.poll() is None:
+            try:
+                state["rss"] = max(state["rss"], rss_mb(server.pid))
+            except (OSError, RuntimeError):
+                return
+            time.sleep(0.25)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)] + [threading.Thread(target=watch)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        metrics = httpx.get(url + "/metrics", timeout=10).text
+        max_wait = next(float(line.split()[1]) for line in metrics.splitlines() if line.startswith("crv_queue_wait_seconds_max"))
+    finally:
+        server.terminate()
+        server.wait(60)
+        if busy is not None:
+            busy.kill()
+    acc = state["accepted"]
+    return {"clients": clients, "seconds": seconds, "accepted": len(acc), "rejected": state["429"] + state["503"],
+            "rejected_429": state["429"], "rejected_503": state["503"], "server_errors_5xx": state["5xx"],
+            "other_errors": state["other"],
+            "accepted_p50_s": round(float(np.percentile(acc, 50)), 3) if acc else None,
+            "accepted_p95_s": round(float(np.percentile(acc, 95)), 3) if acc else None,
+            "max_wait_s": round(max_wait, 3), "rss_peak_mb": round(state["rss"], 1)}
+
+
+def overload(args: argparse.Namespace, command: str) -> None:
+    traces = five_step_traces(20, args.seed)
+    alone = overload_run(traces, args.clients, args.overload_seconds, neighbour=False)
+    print("alone:", json.dumps(alone))
+    shared = overload_run(traces, args.clients, args.overload_seconds, neighbour=True)
+    print("with a busy neighbour:", json.dumps(shared))
+    out = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    out["overload"] = {**alone, "neighbour": shared, "targets_met": all(
+        r["accepted_p95_s"] is not None and r["accepted_p95_s"] <= 3 and r["server_errors_5xx"] == 0 for r in (alone, shared)),
+        "command": command}
+    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {args.out}['overload']")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--latency-requests", type=int, default=40)
@@ -113,8 +215,13 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=31)
     ap.add_argument("--classifier", type=Path, default=None, help="verifier to serve (default: the shipped default)")
     ap.add_argument("--out", type=Path, default=RESULTS / "service.json")
+    ap.add_argument("--overload", action="store_true", help="only the overload runs (alone and with a busy neighbour)")
+    ap.add_argument("--clients", type=int, default=50)
+    ap.add_argument("--overload-seconds", type=float, default=60)
     args = ap.parse_args()
     command = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/service.py", *sys.argv[1:]])
+    if args.overload:
+        return overload(args, command)
 
     traces = five_step_traces(20, args.seed)
     port = free_port()
