@@ -582,7 +582,7 @@ def intervene_cmd(
         raise typer.BadParameter(str(e)) from e
     records = [r for path in data for r in read_records(path)]
     if max_feature_nodes is None:
-        max_feature_nodes = clf.meta.get("provenance", {}).get("attribution", {}).get("max_feature_nodes", 1024)
+        max_feature_nodes = clf.graph_settings()["max_feature_nodes"]
     att = _attributor(model, transcoders, AttributionConfig(max_feature_nodes=max_feature_nodes or None), prompt_format)
     results = run_experiment(att, clf, records, cfg)
     files = write_results(results, run_dir, "crv " + " ".join(sys.argv[1:]))
@@ -685,7 +685,7 @@ def verify_cmd(
 def demo_cmd(
     count: int = typer.Option(30, help="Arithmetic problems per n (5, 7, 10); half as many boolean n=10 problems."),
     out_dir: Path = typer.Option(Path("runs/demo"), help="Where the demo writes its data and report."),
-    max_feature_nodes: int = typer.Option(512, help="Feature-node cap of the graphs (the paper's is 4096)."),
+    max_feature_nodes: int = typer.Option(512, help="Feature-node cap of the graphs (the paper's is 4096; 0: uncapped, as everywhere)."),
     seed: int = typer.Option(7),
     threads: int = typer.Option(2, help="torch threads (on a busy shared machine, 1 keeps times steady)."),
     interventions: int = typer.Option(10, help="Flagged faulty steps to try interventions on (and as many correct steps for harm)."),
@@ -706,7 +706,7 @@ def demo_cmd(
     from crv.tasks.schema import write_records
     from crv.tasks.stats import format_table, summarize_by
 
-    att = Attributor.load(config=AttributionConfig(max_feature_nodes=max_feature_nodes))
+    att = Attributor.load(config=AttributionConfig(max_feature_nodes=max_feature_nodes or None))
     typer.echo(f"reasoner: {DEFAULT_MODEL_DIR} ({sum(p.numel() for p in att.model.parameters()):,} parameters)")
     # boolean errors are rare with the shipped reasoner (first-error rate ~5% at n=10), so few boolean traces
     problems = _problems(["arith"], [5, 7, 10], count, seed) + _problems(["bool"], [10], max(1, count // 2), seed)
@@ -726,7 +726,7 @@ def demo_cmd(
 
     # interventions: the shipped verifier flags faulty steps; edit the features its graph rests on
     clf = StepClassifier.load(DEFAULT_CLASSIFIER)
-    cap = clf.meta.get("provenance", {}).get("attribution", {}).get("max_feature_nodes", 1024)
+    cap = clf.graph_settings()["max_feature_nodes"]
     iatt = dataclasses.replace(att, config=AttributionConfig(max_feature_nodes=cap))
     arith = [r for r in records if r.task == "arith"]
     inter = run_experiment(iatt, clf, arith, InterventionConfig(max_faulty=interventions, harm_steps=interventions))

@@ -72,12 +72,12 @@ class Verifier:
         """Load everything once; the graph settings default to the ones the classifier was trained with."""
         path = Path(classifier) if classifier is not None else DEFAULT_CLASSIFIER
         clf = StepClassifier.load(path)
-        prov = clf.meta.get("provenance", {}).get("attribution", {})
-        cap = max_feature_nodes if max_feature_nodes is not None else prov.get("max_feature_nodes", 1024)
+        prov = clf.graph_settings()
+        cap = max_feature_nodes if max_feature_nodes is not None else prov["max_feature_nodes"]
         att = Attributor.load(model_dir, transcoder_dir, AttributionConfig(max_feature_nodes=cap or None, batch_size=batch_size),
                              dtype=dtype, device=device, prompt_format=prompt_format, k=k)
         cid = _file_checksum(path.with_name(path.name + ".xgb.json"), path.with_name(path.name + ".meta.json"))
-        return cls(att, clf, threshold, prov.get("step_target", "last"), classifier_id=f"{path.name}@{cid}")
+        return cls(att, clf, threshold, prov["step_target"], classifier_id=f"{path.name}@{cid}")
 
     def info(self) -> dict:
         """Versions and checksums of what answers."""

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from crv.attribution.graph import Graph
-from crv.attribution.prune import Pruned, prune
+from crv.attribution.prune import EDGE_THRESHOLD, NODE_THRESHOLD, Pruned, prune
 
 
 def _cantor(x: int, y: int) -> int:
@@ -33,8 +33,8 @@ def to_circuit_tracer_json(
     decode: Callable[[int], str],
     slug: str,
     scan: str = "crv",
-    node_threshold: float = 0.8,
-    edge_threshold: float = 0.98,
+    node_threshold: float = NODE_THRESHOLD,
+    edge_threshold: float = EDGE_THRESHOLD,
     prompt: str | None = None,
 ) -> dict:
     """The graph as circuit-tracer's frontend JSON document; ``prompt``: the text the graph was computed on,

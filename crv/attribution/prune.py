@@ -115,7 +115,12 @@ def threshold_for(scores: torch.Tensor, fraction: float) -> torch.Tensor:
     return values[min(k, len(values) - 1)]
 
 
-def prune(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> Pruned:
+#: the paper's (and circuit-tracer's) pruning thresholds: the nodes, then the edges, carrying this share of the
+#: influence on the logits are kept. Defined here once; every other default refers to these.
+NODE_THRESHOLD, EDGE_THRESHOLD = 0.8, 0.98
+
+
+def prune(graph: Graph, node_threshold: float = NODE_THRESHOLD, edge_threshold: float = EDGE_THRESHOLD) -> Pruned:
     """Keep the nodes carrying ``node_threshold`` of the influence, then edges carrying ``edge_threshold``.
 
     Edge scores are computed on the subgraph of the kept nodes only (the same numbers as on the

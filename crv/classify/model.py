@@ -79,6 +79,12 @@ class StepClassifier:
                      "n_train": int(len(y)), "n_faulty": int(y.sum()), "train_checksum": data_checksum(X, y)}
         return self
 
+    def graph_settings(self) -> dict:
+        """The graph settings the classifier was trained on (``meta["provenance"]["attribution"]``): at least
+        ``max_feature_nodes`` (1024 for classifiers saved without it) and ``step_target`` ("last")."""
+        prov = self.meta.get("provenance", {}).get("attribution", {})
+        return {"max_feature_nodes": 1024, "step_target": "last", **prov}
+
     def _matrix(self, X: pd.DataFrame) -> np.ndarray:
         if self.booster is None:
             raise RuntimeError("classifier is not fitted")

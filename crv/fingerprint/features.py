@@ -40,6 +40,7 @@ import networkx as nx
 import torch
 
 from crv.attribution.graph import Graph
+from crv.attribution.prune import EDGE_THRESHOLD, NODE_THRESHOLD
 from crv.fingerprint.summary import ERROR, FEATURE, LOGIT, TOKEN, GraphSummary, summarize
 from crv.fingerprint.topology import EdgeGraph, betweenness, degree_centrality, density, longest_path_from, weak_components
 
@@ -119,6 +120,6 @@ def fingerprint_summary(s: GraphSummary) -> dict[str, float]:
     return {name: out[name] for name in feature_names(s.n_layers)}
 
 
-def fingerprint(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> dict[str, float]:
+def fingerprint(graph: Graph, node_threshold: float = NODE_THRESHOLD, edge_threshold: float = EDGE_THRESHOLD) -> dict[str, float]:
     """Prune a step graph and return its named structural fingerprint."""
     return fingerprint_summary(summarize(graph, node_threshold=node_threshold, edge_threshold=edge_threshold))

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from crv.attribution.graph import Graph
-from crv.attribution.prune import Pruned, prune
+from crv.attribution.prune import EDGE_THRESHOLD, NODE_THRESHOLD, Pruned, prune
 
 FEATURE, ERROR, TOKEN, LOGIT = 0, 1, 2, 3
 _TENSORS = (
@@ -52,7 +52,8 @@ class GraphSummary:
         return int(self.active_per_layer.sum())
 
 
-def summarize(graph: Graph, pruned: Pruned | None = None, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> GraphSummary:
+def summarize(graph: Graph, pruned: Pruned | None = None, node_threshold: float = NODE_THRESHOLD,
+              edge_threshold: float = EDGE_THRESHOLD) -> GraphSummary:
     """Prune ``graph`` (paper thresholds unless ``pruned`` is given) and keep what fingerprints need."""
     pr = pruned if pruned is not None else prune(graph, node_threshold, edge_threshold)
     nf, L, T = graph.n_features, graph.n_layers, graph.n_pos

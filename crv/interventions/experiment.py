@@ -77,7 +77,7 @@ def plan_step(att: Attributor, classifier: StepClassifier, record: Record, step_
     """Score a step with the verifier and choose the features of each arm (one forward pass)."""
     steps = att.record_steps(record)
     tr, enc = steps.shared, steps.encoding
-    target = classifier.meta.get("provenance", {}).get("attribution", {}).get("step_target", "last")  # the graph the classifier was trained on
+    target = classifier.graph_settings()["step_target"]  # the graph the classifier was trained on
     fp = steps.step(step_index, target).fingerprint
     p = float(classifier.predict_proba(pd.DataFrame([fp]))[0, 1])
     if cfg.positions == "suspect":
