@@ -30,16 +30,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from crv.digest import sha256_file
 from crv.fingerprint.summary import GraphSummary, load_summaries, save_summaries
 from crv.tasks.schema import Record
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _alive(pid: int) -> bool:
@@ -105,7 +98,7 @@ class TraceStore:
         try:
             meta = json.loads(marker.read_text())
             for name, digest in meta["sha256"].items():
-                if _sha256(base.with_name(f"{base.name}.{name}")) != digest:
+                if sha256_file(base.with_name(f"{base.name}.{name}")) != digest:
                     return None
         except (OSError, ValueError, KeyError, TypeError):
             return None
@@ -143,7 +136,7 @@ class TraceStore:
             for ext in ("safetensors", "json"):
                 os.replace(tmp.with_name(f"{tmp.name}.{ext}"), base.with_name(f"{base.name}.graphs.{ext}"))
             names += ["graphs.safetensors", "graphs.json"]
-        digests = {n: _sha256(base.with_name(f"{base.name}.{n}")) for n in names}
+        digests = {n: sha256_file(base.with_name(f"{base.name}.{n}")) for n in names}
         meta = {"key": key, "sha256": digests, "summaries": {t: len(v) for t, v in entry.summaries.items()},
                 "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(info or {})}
         _atomic_write_text(base.with_name(base.name + ".json"), json.dumps(meta, indent=1))
