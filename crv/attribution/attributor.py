@@ -192,6 +192,26 @@ class Attributor:
     def prompt_format(self) -> str:
         return self.encoder.format.name
 
+    def load_settings(self) -> dict:
+        """What :meth:`load` needs to build this attributor again elsewhere (a Ray worker, another process):
+        plain JSON values. Only for attributors made by :meth:`load`."""
+        if self.model_dir is None or self.transcoder_dir is None:
+            raise ValueError("only an attributor made by Attributor.load can be rebuilt from its settings")
+        from dataclasses import asdict
+
+        return {"model_dir": str(self.model_dir), "transcoder_dir": str(self.transcoder_dir), "config": asdict(self.config),
+                "device": str(self.model.device), "dtype": str(self.model.dtype).removeprefix("torch."),
+                "prompt_format": self.prompt_format, "k": self.transcoders.k}
+
+    @classmethod
+    def from_load_settings(cls, settings: dict) -> "Attributor":
+        """The attributor :meth:`load_settings` describes."""
+        from crv.lm.load import parse_dtype
+
+        return cls.load(settings["model_dir"], settings["transcoder_dir"], AttributionConfig(**settings["config"]),
+                        dtype=parse_dtype(settings["dtype"]), device=settings["device"],
+                        prompt_format=settings["prompt_format"], k=settings["k"])
+
     def encode(self, text: str) -> torch.Tensor:
         """Token ids of raw ``text`` as attribution reads them (BOS first where the prompt format adds one; a
         special token first in any case, as circuit-tracer does, see :func:`crv.lm.encode.with_lead`)."""

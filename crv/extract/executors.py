@@ -62,17 +62,11 @@ class LocalExecutor:
 class _Worker:
     """A Ray actor's state: the attributor, loaded once."""
 
-    def __init__(self, model_dir: str, transcoder_dir: str, config: dict, threads: int, device: str,
-                 fail_after: int | None, prompt_format: str | None = None, k: int | None = None,
-                 dtype: str = "float32") -> None:
+    def __init__(self, settings: dict, threads: int, fail_after: int | None) -> None:
         import torch
 
-        from crv.attribution.engine import AttributionConfig
-        from crv.lm.load import parse_dtype
-
         torch.set_num_threads(threads)
-        self.att = Attributor.load(model_dir, transcoder_dir, AttributionConfig(**config), device=device,
-                                  prompt_format=prompt_format, k=k, dtype=parse_dtype(dtype))
+        self.att = Attributor.from_load_settings(settings)  # the driver's model, set, settings and device
         self.fail_after, self.done = fail_after, 0
 
     def run(self, spec: ExtractSpec, batch: list[tuple[int, Record]]) -> list[tuple[int, Entry]]:
@@ -101,20 +95,15 @@ class RayExecutor:
             import ray
         except ImportError as e:  # pragma: no cover - depends on the install
             raise RuntimeError("the Ray executor needs Ray: pip install 'crv[ray]'") from e
-        import dataclasses
-
-        import torch
-
         if att.model_dir is None or att.transcoder_dir is None:
             raise ValueError("the Ray executor needs an attributor made by Attributor.load (its workers load the same directories)")
         if not ray.is_initialized():
             ray.init(address=self.address, num_cpus=None if self.address else self.num_workers * self.threads,
                      include_dashboard=False, log_to_driver=False, configure_logging=False)
-        gpu = torch.cuda.is_available()
+        settings = att.load_settings()
+        gpu = settings["device"].startswith("cuda")  # workers use the device the driver was given (--device), never another
         Worker = ray.remote(num_cpus=self.threads, num_gpus=1 if gpu else 0)(_Worker)
-        actors = [Worker.remote(str(att.model_dir), str(att.transcoder_dir), dataclasses.asdict(att.config), self.threads,
-                                "cuda" if gpu else "cpu", self.fail_after, att.prompt_format, att.transcoders.k,
-                                str(att.model.dtype).removeprefix("torch.")) for _ in range(self.num_workers)]
+        actors = [Worker.remote(settings, self.threads, self.fail_after) for _ in range(self.num_workers)]
         batches = [[(i, records[i]) for i in indices[s : s + self.batch_size]] for s in range(0, len(indices), self.batch_size)]
         bar = tqdm(total=len(indices), desc="graphs (ray)", unit="trace", disable=not self.progress)
         pending: dict = {}
