@@ -62,7 +62,8 @@ def test_verify_answers_per_step(verifier):
     ({**FAULTY, "steps": []}, 422, "at least 1 item"),
     ({**FAULTY, "steps": ["   "]}, 422, "empty"),
     ({**FAULTY, "steps": ["3+4=7 \ud800 => 7"]}, 422, "unicode"),
-    ({**FAULTY, "steps": None, "text": "3+4=7 => 7\udfff"}, 422, "surrogate"),
+    ({"task": "arith", "question": FAULTY["question"], "text": "3+4=7 => 7\udfff"}, 422, "unicode"),
+    ({**FAULTY, "steps": None}, 422, "valid list"),  # absent means not given; an explicit null is refused
     ({**FAULTY, "steps": ["3+4=7\n => 7"]}, 422, "newline"),
     ({**FAULTY, "steps": "3+4=7 => 7"}, 422, "steps"),
     ({**FAULTY, "task": "chess"}, 422, "task"),

@@ -297,6 +297,28 @@ def create_app(verifier: Verifier, settings: ServiceSettings = ServiceSettings()
         except (StepFormatError, UnknownCharacterError, ValueError) as e:
             raise HTTPException(422, str(e)) from e
 
+    patterns = verifier.text_patterns() if hasattr(verifier, "text_patterns") else None
+
+    def openapi() -> dict:
+        """The schema, with the characters this model reads stated on every text field (a char-level vocabulary)."""
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+
+            doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            if patterns is not None:
+                for name in ("VerifyRequest", "InterveneRequest"):
+                    props = doc.get("components", {}).get("schemas", {}).get(name, {}).get("properties", {})
+                    if "question" in props:
+                        props["question"]["pattern"] = patterns["line"]
+                    if "text" in props:
+                        props["text"]["pattern"] = patterns["text"]
+                    if "steps" in props and "items" in props["steps"]:
+                        props["steps"]["items"]["pattern"] = patterns["line"]
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:
         return FileResponse(STATIC / "index.html")

@@ -48,7 +48,7 @@ def run_intervention(verifier: Verifier, req: InterveneRequest) -> InterveneResp
     out = intervene(verifier.att.model, verifier.att.encoder, verifier.att.transcoders, record, req.step_index,
                     features, req.mode, value, where)
     return InterveneResponse(
-        step_index=req.step_index, features=features, mode=req.mode, value=value, position=where,
+        step_index=req.step_index, features=[list(f) for f in features], mode=req.mode, value=value, position=where,
         before=record.steps[req.step_index], after=out.new_step, continuation=out.continuation,
         steps=out.record.steps, labels=out.record.labels, step_correct=out.step_correct, solved=out.solved,
         final_answer=out.record.final_answer,

@@ -33,18 +33,28 @@ def _step(text: str) -> str:
 
 
 Text = Annotated[str, AfterValidator(_valid_unicode)]
+#: a (layer, feature) pair, as a two-item JSON array
+FeaturePair = Annotated[list[int], Field(min_length=2, max_length=2)]
 Step = Annotated[str, Field(min_length=1), AfterValidator(_step)]
+
+
+EXAMPLE_QUESTION = "4+((5+6)*(2+(9*5)))"
+EXAMPLE_STEPS = ["5+6=11 => 4+(11*(2+(9*5)))", "9*5=45 => 4+(11*(2+45))", "2+45=47 => 4+(11*47)", "11*47=587 => 4+587"]
 
 
 class VerifyRequest(BaseModel):
     """A problem and its chain of thought: ``steps`` (one per item) or ``text`` (one step per line)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "examples": [{"task": "arith", "question": EXAMPLE_QUESTION, "steps": EXAMPLE_STEPS}],
+        "oneOf": [{"required": ["steps"]}, {"required": ["text"]}]})  # exactly one of the two, as the validator says
     task: Task
     question: Text = Field(min_length=1, pattern=r"\S")
-    steps: list[Step] | None = Field(default=None, min_length=1, max_length=MAX_STEPS,
-                                     description="one step per item: non-empty, not blank, no newline")
-    text: Text | None = Field(default=None, min_length=1, description="one step per line; the `A:` line is left out")
+    # not nullable: absent means "not given" (the schema's oneOf), so an explicit null is refused by type
+    steps: list[Step] = Field(default=None, min_length=1, max_length=MAX_STEPS,  # type: ignore[assignment]
+                              description="one step per item: non-empty, not blank, no newline")
+    text: Text = Field(default=None, min_length=1, pattern=r"\S",  # type: ignore[assignment]
+                       description="one step per line; the `A:` line is left out")
     include_graph: bool = False
 
     @model_validator(mode="after")
@@ -82,12 +92,14 @@ class VerifyResponse(BaseModel):
 class InterveneRequest(BaseModel):
     """A trace, the step to correct, and the features to edit (``"auto"``: chosen from the step's graph)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "examples": [{"task": "arith", "question": EXAMPLE_QUESTION, "steps": EXAMPLE_STEPS, "step_index": 3,
+                      "features": "auto", "mode": "clamp", "value": 0.0}]})
     task: Task
     question: Text = Field(min_length=1, pattern=r"\S")
     steps: list[Step] = Field(min_length=1, max_length=MAX_STEPS)
     step_index: int = Field(ge=0, lt=MAX_STEPS)
-    features: list[tuple[int, int]] | Literal["auto"] = "auto"
+    features: list[FeaturePair] | Literal["auto"] = "auto"
     mode: Literal["clamp", "scale", "set"] = "clamp"
     value: float = Field(default=0.0, ge=-MAX_EDIT_VALUE, le=MAX_EDIT_VALUE, allow_inf_nan=False,
                          description="the activation for `set`, the factor for `scale` (finite, |value| <= 1e4)")
@@ -96,7 +108,7 @@ class InterveneRequest(BaseModel):
 
 class InterveneResponse(BaseModel):
     step_index: int
-    features: list[tuple[int, int]]
+    features: list[FeaturePair]
     mode: str
     value: float
     position: int | str

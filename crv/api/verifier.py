@@ -90,6 +90,24 @@ class Verifier:
             "trained_on": self.classifier.meta.get("provenance", {}).get("tasks"),
         }
 
+    def text_patterns(self) -> dict[str, str] | None:
+        """JSON-Schema ``pattern`` s of the text this model's tokenizer can read, where it reads only some characters
+        (a character-level vocabulary): ``line`` (a question or a step: one line, not blank) and ``text`` (several
+        lines). None for byte-level and SentencePiece tokenizers, which read any text."""
+        tok = self.att.tokenizer
+        if tok.unk_token_id is None or len(tok) > 4096:
+            return None
+        chars = sorted({c for t in tok.get_vocab() if len(t) == 1 for c in t if c.isprintable()})
+        if not chars:
+            return None
+
+        def cls(cs: list[str]) -> str:
+            return "[" + "".join("\\" + c if c in "\\]^-[" else c for c in cs) + "]"
+
+        solid = [c for c in chars if not c.isspace()]
+        any_line, multi = cls(chars), cls(chars)[:-1] + "\\n]"
+        return {"line": f"^{any_line}*{cls(solid)}{any_line}*$", "text": f"^{multi}*{cls(solid)}{multi}*$"}
+
     def n_tokens(self, task: str, question: str, steps: Sequence[str]) -> int:
         """Tokens of the trace as the model reads it (prompt format and specials included)."""
         return self.encode(task, question, steps).n_tokens

@@ -30,14 +30,14 @@ class StepCheck:
 
 
 def split_output(text: str) -> tuple[list[str], str | None]:
-    """Split model output into step lines and the final answer (None if no ``A:`` line)."""
+    """Split model output into step lines and the final answer (None if no ``A:`` line). Blank lines are not
+    steps: they carry no reasoning and no token a graph could be computed at (a record's steps are never blank)."""
     steps: list[str] = []
     for line in text.split("\n"):
         if line.startswith(ANSWER_PREFIX.strip()):
             return steps, line[len(ANSWER_PREFIX.strip()):].strip()
-        steps.append(line)
-    while steps and not steps[-1].strip():
-        steps.pop()
+        if line.strip():
+            steps.append(line)
     return steps, None
 
 
