@@ -33,6 +33,7 @@ $(CHROMIUM_STAMP): $(STAMP)
 	touch $@
 
 test: $(PEER_STAMP) $(CHROMIUM_STAMP)
+	$(VENV)/bin/ruff check crv tests benchmarks
 	$(PY) -m pytest -q
 
 benchmarks: $(PEER_STAMP)

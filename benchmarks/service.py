@@ -191,13 +191,62 @@ def overload_run(traces: list[dict], clients: int, seconds: float, neighbour: bo
             "max_wait_s": round(max_wait, 3), "rss_peak_mb": round(state["rss"], 1)}
 
 
+def body_abuse(clients: int = 10, gigabytes: float = 1.0) -> dict:
+    """``clients`` clients at once each offer a ``gigabytes`` chunked body (no Content-Length) to /v1/verify and to
+    a path that reads no body; the server's peak RSS over the run, against its RSS before."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = start_server(port, [])
+    before = rss_mb(server.pid)
+    peak, statuses, stop = [before], [], threading.Event()
+    chunk = b"x" * (1 << 20)
+
+    def body():
+        for _ in range(int(gigabytes * 1024)):
+            yield chunk
+
+    def client(i: int) -> None:
+        path = "/v1/verify" if i % 2 == 0 else "/nothing"
+        try:
+            r = httpx.post(url + path, content=body(), headers={"Content-Type": "application/json"}, timeout=600)
+            statuses.append(r.status_code)
+        except httpx.HTTPError:
+            statuses.append("closed")  # refused while the client was still sending
+
+    def watch() -> None:
+        while not stop.is_set():
+            peak.append(rss_mb(server.pid))
+            time.sleep(0.1)
+
+    w = threading.Thread(target=watch)
+    w.start()
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stop.set()
+    w.join()
+    seconds = time.perf_counter() - t0
+    alive = httpx.get(url + "/healthz", timeout=10).status_code == 200
+    server.terminate()
+    server.wait(60)
+    return {"clients": clients, "gigabytes_each": gigabytes, "statuses": sorted(map(str, statuses)),
+            "rss_before_mb": round(before, 1), "rss_peak_mb": round(max(peak), 1), "seconds": round(seconds, 1),
+            "server_alive_after": alive}
+
+
 def overload(args: argparse.Namespace, command: str) -> None:
+    abuse = body_abuse()
+    print("chunked 1 GB bodies:", json.dumps(abuse))
     traces = five_step_traces(20, args.seed)
     alone = overload_run(traces, args.clients, args.overload_seconds, neighbour=False)
     print("alone:", json.dumps(alone))
     shared = overload_run(traces, args.clients, args.overload_seconds, neighbour=True)
     print("with a busy neighbour:", json.dumps(shared))
     out = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    out["body_abuse"] = abuse
     out["overload"] = {**alone, "neighbour": shared, "targets_met": all(
         r["accepted_p95_s"] is not None and r["accepted_p95_s"] <= 3 and r["server_errors_5xx"] == 0 for r in (alone, shared)),
         "command": command}
