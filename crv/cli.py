@@ -523,7 +523,7 @@ def train_verifier_cmd(
 
     from crv.attribution.attributor import Attributor
     from crv.classify.model import DEFAULT_CLASSIFIER, StepClassifier
-    from crv.evaluate.steps import column_groups
+    from crv.extract.steps import column_groups
 
     out = out or DEFAULT_CLASSIFIER
     missing = [str(p) for p in steps if not p.is_file()]

@@ -112,7 +112,7 @@ def test_ray_executor_matches_local_and_resumes(att, records, clean, tmp_path):
 @pytest.mark.slow
 def test_archive_rebuilds_the_table_without_graphs(att, records, tmp_path, monkeypatch):
     from crv.attribution.engine import TraceAttribution
-    from crv.evaluate.steps import column_groups
+    from crv.extract.steps import column_groups
     from crv.extract import FingerprintArchive, archive_fingerprints, trace_keys
 
     extra = ("uncertain",)

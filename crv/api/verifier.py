@@ -21,6 +21,7 @@ import torch
 from crv.attribution.attributor import Attributor
 from crv.attribution.engine import AttributionConfig
 from crv.attribution.export import graph_json
+from crv.fingerprint.features import step_fingerprint
 from crv.classify.model import DEFAULT_CLASSIFIER, StepClassifier
 from crv.lm.encode import EncodedTrace
 from crv.tasks.cot import ANSWER_PREFIX
@@ -132,7 +133,7 @@ class Verifier:
         out, rows = [], []
         for k in range(len(steps)):
             view = trace.step(k, self.target)
-            graph, pr, fp = view.graph, view.pruned, view.fingerprint
+            graph, pr, fp = view.graph, view.pruned, step_fingerprint(view)
             rows.append(fp)
             sel = graph.active_features[graph.selected_features].tolist()
             infl = pr.node_influence[: graph.n_features]

@@ -65,7 +65,8 @@ def step_position(trace: EncodedTrace, k: int, target: str = "last", logits: tor
 
 @dataclass
 class StepView:
-    """One step's graph and what is derived from it (pruned graph, summary, fingerprint), computed once each.
+    """One step's graph and its pruned graph, computed once each (its structural fingerprint:
+    :func:`crv.fingerprint.features.step_fingerprint`).
 
     ``position`` indexes ``encoding`` (the step's own prefix ids); ``trace`` is the forward pass the graph
     was read from (shared by the record's steps unless ``own_forward``).
@@ -88,18 +89,6 @@ class StepView:
     @cached_property
     def pruned(self) -> Pruned:
         return prune(self.graph)
-
-    @cached_property
-    def summary(self):  # type: ignore[no-untyped-def]
-        from crv.fingerprint.summary import summarize
-
-        return summarize(self.graph, self.pruned)
-
-    @cached_property
-    def fingerprint(self) -> dict[str, float]:
-        from crv.fingerprint.features import fingerprint_summary
-
-        return fingerprint_summary(self.summary)
 
 
 class TraceSteps:

@@ -1,6 +1,6 @@
 """The model's own confidence on its steps, without graphs or transcoders: are its errors unsure or confident?
 
-For every step of every record, the black-box scores of :func:`crv.evaluate.steps.black_box` (the
+For every step of every record, the black-box scores of :func:`crv.extract.steps.black_box` (the
 distributions that predicted the step's tokens, from one forward pass per trace), and per score the
 AUROC of faulty (positive) vs correct steps. The scores are unsupervised, so no folds are needed:
 ``maxprob`` = 1 - mean max probability, ``ppl``, ``entropy``, ``energy`` = mean ``-logsumexp``, each
@@ -17,7 +17,7 @@ from sklearn.metrics import roc_auc_score
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from crv.evaluate.steps import black_box
+from crv.extract.steps import black_box
 from crv.lm.encode import TraceEncoder
 from crv.tasks.schema import Record
 

@@ -19,7 +19,7 @@ from transformers import PreTrainedModel
 from crv.classify.metrics import auroc
 from crv.classify.model import ClassifierConfig, StepClassifier, paper_parity_classifier
 from crv.evaluate.prm import PRMConfig, ProcessRewardModel, last_token_states, state_layers
-from crv.evaluate.steps import KEYS, TEMPERATURES, column_groups, hidden_layers
+from crv.extract.steps import KEYS, TEMPERATURES, column_groups, hidden_layers
 from crv.lm.encode import TraceEncoder
 from crv.tasks.schema import Record
 

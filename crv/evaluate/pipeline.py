@@ -12,7 +12,7 @@ from crv.evaluate.crossfit import make_scheme
 from crv.evaluate.methods import EvalConfig, TextInputs
 from crv.evaluate.report import markdown_table, write_report
 from crv.evaluate.run import evaluate_table, save_step_table
-from crv.evaluate.steps import column_groups, time_crv
+from crv.extract.steps import column_groups, time_crv
 from crv.extract import LocalExecutor, RayExecutor, archive_fingerprints, build_step_table
 from crv.tasks.schema import Record
 

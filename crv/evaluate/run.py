@@ -14,7 +14,7 @@ from crv.classify.metrics import aupr, auroc, fpr_at_95
 from crv.evaluate.crossfit import Scheme, make_scheme, merge_chosen, score_scheme
 from crv.evaluate.intervals import ProblemBootstrap
 from crv.evaluate.methods import BLACK_BOX, EvalConfig, TextInputs, fit_crv
-from crv.evaluate.steps import column_groups
+from crv.extract.steps import column_groups
 from crv.fingerprint.features import feature_families
 
 

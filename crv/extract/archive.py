@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from crv.evaluate.steps import column_groups
+from crv.extract.steps import column_groups
 
 INDEX = ["trace_key", "step_index"]
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from tqdm.auto import tqdm
 
 from crv.attribution.attributor import Attributor
-from crv.evaluate.steps import trace_entry
+from crv.extract.steps import trace_entry
 from crv.extract.store import Entry
 from crv.tasks.schema import Record
 

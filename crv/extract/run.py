@@ -37,7 +37,7 @@ def build_step_table(att: Attributor, records: Iterable[Record], graph_dir: str 
                      progress: bool = True, target: str = "last", extra_targets: tuple[str, ...] = (),
                      executor: LocalExecutor | RayExecutor | None = None,
                      archive: str | Path | FingerprintArchive | None = None) -> pd.DataFrame:
-    """The step table of a labelled dataset (columns: :mod:`crv.evaluate.steps`), in record order.
+    """The step table of a labelled dataset (columns: :mod:`crv.extract.steps`), in record order.
 
     With ``graph_dir`` each trace's rows and pruned graphs are stored there as soon as they are
     computed (:class:`~crv.extract.store.TraceStore`), and traces already stored with the same

@@ -123,3 +123,8 @@ def fingerprint_summary(s: GraphSummary) -> dict[str, float]:
 def fingerprint(graph: Graph, node_threshold: float = NODE_THRESHOLD, edge_threshold: float = EDGE_THRESHOLD) -> dict[str, float]:
     """Prune a step graph and return its named structural fingerprint."""
     return fingerprint_summary(summarize(graph, node_threshold=node_threshold, edge_threshold=edge_threshold))
+
+
+def step_fingerprint(view) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    """The fingerprint of a :class:`~crv.attribution.attributor.StepView` (its graph and pruned graph, computed once)."""
+    return fingerprint_summary(summarize(view.graph, view.pruned))

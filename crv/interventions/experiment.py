@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from crv.attribution.attributor import Attributor
 from crv.classify.model import StepClassifier
+from crv.fingerprint.features import step_fingerprint
 from crv.interventions.patch import FeatureEdit
 from crv.interventions.regenerate import POSITIONS, Regeneration, regenerate
 from crv.interventions.select import LOCATE, Candidate, candidates, random_like, suggest, suspect_position
@@ -78,7 +79,7 @@ def plan_step(att: Attributor, classifier: StepClassifier, record: Record, step_
     steps = att.record_steps(record)
     tr, enc = steps.shared, steps.encoding
     target = classifier.graph_settings()["step_target"]  # the graph the classifier was trained on
-    fp = steps.step(step_index, target).fingerprint
+    fp = step_fingerprint(steps.step(step_index, target))
     p = float(classifier.predict_proba(pd.DataFrame([fp]))[0, 1])
     if cfg.positions == "suspect":
         sug = suggest(att, record, step_index, cfg.k, cfg.locate, trace=(tr, enc))

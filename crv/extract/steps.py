@@ -30,8 +30,8 @@ import pandas as pd
 import torch
 
 from crv.attribution.attributor import Attributor
-from crv.fingerprint.features import fingerprint_summary
-from crv.fingerprint.summary import GraphSummary
+from crv.fingerprint.features import fingerprint_summary, step_fingerprint
+from crv.fingerprint.summary import GraphSummary, summarize
 from crv.tasks.schema import Record
 
 TEMPERATURES = (0.5, 0.75, 1.5, 2.0, 3.0, 5.0)
@@ -87,7 +87,7 @@ def trace_entry(att: Attributor, record: Record, target: str = "last", extra_tar
     if fingerprints is not None and len(fingerprints) != len(record.steps):
         raise ValueError(f"{len(fingerprints)} fingerprints for the {len(record.steps)} steps of {record.problem_id}")
     summaries = {} if fingerprints is not None else {
-        t: [steps.step(k, t).summary for k in range(len(record.steps))] for t in targets}
+        t: [summarize(v.graph, v.pruned) for v in (steps.step(k, t) for k in range(len(record.steps)))] for t in targets}
     ids, logits, feats = tr.ids, tr.logits, tr.active_features
     hidden = tr.hidden_states.cpu()
     rows = []
@@ -115,7 +115,7 @@ def time_crv(att: Attributor, records: Iterable[Record], target: str = "last") -
     for rec in records:
         steps = att.record_steps(rec)
         for k in range(len(steps)):
-            steps.step(k, target).fingerprint
+            step_fingerprint(steps.step(k, target))
             n += 1
     if n == 0:
         raise ValueError("no steps to time")
