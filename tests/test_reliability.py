@@ -90,3 +90,21 @@ def test_label_says_so_when_no_rollout_reaches_any_answer(tmp_path, monkeypatch,
                            "--rollouts", "1", "--max-new-tokens", "40")
     assert code == 1 and "no rollout reached" in err
     assert json.loads((tmp_path / "o.jsonl").read_text().splitlines()[0])["labels"]  # the file is still written
+
+
+def test_an_attributor_spec_round_trips_through_json(tiny_gqa_llama_dir, tmp_path):
+    """What a Ray worker (or a classifier's metadata) receives rebuilds the same attributor: same ids, settings."""
+    from crv.attribution.attributor import Attributor, AttributorSpec
+    from crv.attribution.engine import AttributionConfig
+
+    ts = tiny_set(tmp_path / "tc")
+    model, _ = __import__("crv.lm.load", fromlist=["load_model"]).load_model(tiny_gqa_llama_dir)
+    tcs = [TopKTranscoder(TranscoderShape(model.config.hidden_size, 32, 4), i) for i in range(2)]
+    for t in tcs:
+        t.reset_parameters()
+    save_transcoders(tcs, ts, "tiny", dtype=torch.float32)
+    att = Attributor.load(tiny_gqa_llama_dir, ts, AttributionConfig(max_feature_nodes=33, batch_size=16))
+    spec = AttributorSpec.from_dict(json.loads(json.dumps(att.spec.to_dict())))
+    again = Attributor.from_spec(spec)
+    assert spec == att.spec and again.model_id == att.model_id and again.config == att.config
+    assert again.transcoders.checksum() == att.transcoders.checksum()

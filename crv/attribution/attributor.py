@@ -63,6 +63,31 @@ def step_position(trace: EncodedTrace, k: int, target: str = "last", logits: tor
     return end - 1
 
 
+@dataclass(frozen=True)
+class AttributorSpec:
+    """Everything that defines an attributor: where the model and transcoders are, how they are loaded and the
+    attribution settings; ``to_dict`` / ``from_dict`` give plain JSON (for workers and metadata)."""
+
+    model_dir: str | None = None  # None: the shipped reasoner
+    transcoder_dir: str | None = None  # None: the shipped set
+    device: str = "cpu"
+    dtype: str = "float32"
+    prompt_format: str | None = None  # None: the model's own
+    k: int | None = None  # TopK size for a set whose config lacks it
+    attribution: AttributionConfig = AttributionConfig()
+
+    def to_dict(self) -> dict:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "AttributorSpec":
+        d = dict(d)
+        d["attribution"] = AttributionConfig(**d.get("attribution", {}))
+        return cls(**d)
+
+
 @dataclass
 class StepView:
     """One step's graph and its pruned graph, computed once each (its structural fingerprint:
@@ -181,25 +206,23 @@ class Attributor:
     def prompt_format(self) -> str:
         return self.encoder.format.name
 
-    def load_settings(self) -> dict:
-        """What :meth:`load` needs to build this attributor again elsewhere (a Ray worker, another process):
-        plain JSON values. Only for attributors made by :meth:`load`."""
+    @property
+    def spec(self) -> "AttributorSpec":
+        """What :meth:`load` needs to build this attributor again elsewhere (a Ray worker, another process, a
+        classifier's metadata). Only for attributors made by :meth:`load`."""
         if self.model_dir is None or self.transcoder_dir is None:
-            raise ValueError("only an attributor made by Attributor.load can be rebuilt from its settings")
-        from dataclasses import asdict
-
-        return {"model_dir": str(self.model_dir), "transcoder_dir": str(self.transcoder_dir), "config": asdict(self.config),
-                "device": str(self.model.device), "dtype": str(self.model.dtype).removeprefix("torch."),
-                "prompt_format": self.prompt_format, "k": self.transcoders.k}
+            raise ValueError("only an attributor made by Attributor.load has a spec")
+        return AttributorSpec(model_dir=str(self.model_dir), transcoder_dir=str(self.transcoder_dir),
+                              device=str(self.model.device), dtype=str(self.model.dtype).removeprefix("torch."),
+                              prompt_format=self.prompt_format, k=self.transcoders.k, attribution=self.config)
 
     @classmethod
-    def from_load_settings(cls, settings: dict) -> "Attributor":
-        """The attributor :meth:`load_settings` describes."""
+    def from_spec(cls, spec: "AttributorSpec") -> "Attributor":
+        """The attributor a spec describes."""
         from crv.lm.load import parse_dtype
 
-        return cls.load(settings["model_dir"], settings["transcoder_dir"], AttributionConfig(**settings["config"]),
-                        dtype=parse_dtype(settings["dtype"]), device=settings["device"],
-                        prompt_format=settings["prompt_format"], k=settings["k"])
+        return cls.load(spec.model_dir, spec.transcoder_dir, spec.attribution, dtype=parse_dtype(spec.dtype),
+                        device=spec.device, prompt_format=spec.prompt_format, k=spec.k)
 
     def encode(self, text: str) -> torch.Tensor:
         """Token ids of raw ``text`` as attribution reads them (BOS first where the prompt format adds one; a

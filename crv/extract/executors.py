@@ -62,11 +62,13 @@ class LocalExecutor:
 class _Worker:
     """A Ray actor's state: the attributor, loaded once."""
 
-    def __init__(self, settings: dict, threads: int, fail_after: int | None) -> None:
+    def __init__(self, spec: dict, threads: int, fail_after: int | None) -> None:
         import torch
 
+        from crv.attribution.attributor import AttributorSpec
+
         torch.set_num_threads(threads)
-        self.att = Attributor.from_load_settings(settings)  # the driver's model, set, settings and device
+        self.att = Attributor.from_spec(AttributorSpec.from_dict(spec))  # the driver's model, set, settings, device
         self.fail_after, self.done = fail_after, 0
 
     def run(self, spec: ExtractSpec, batch: list[tuple[int, Record]]) -> list[tuple[int, Entry]]:
@@ -100,10 +102,10 @@ class RayExecutor:
         if not ray.is_initialized():
             ray.init(address=self.address, num_cpus=None if self.address else self.num_workers * self.threads,
                      include_dashboard=False, log_to_driver=False, configure_logging=False)
-        settings = att.load_settings()
-        gpu = settings["device"].startswith("cuda")  # workers use the device the driver was given (--device), never another
+        spec = att.spec
+        gpu = spec.device.startswith("cuda")  # workers use the device the driver was given (--device), never another
         Worker = ray.remote(num_cpus=self.threads, num_gpus=1 if gpu else 0)(_Worker)
-        actors = [Worker.remote(settings, self.threads, self.fail_after) for _ in range(self.num_workers)]
+        actors = [Worker.remote(spec.to_dict(), self.threads, self.fail_after) for _ in range(self.num_workers)]
         batches = [[(i, records[i]) for i in indices[s : s + self.batch_size]] for s in range(0, len(indices), self.batch_size)]
         bar = tqdm(total=len(indices), desc="graphs (ray)", unit="trace", disable=not self.progress)
         pending: dict = {}
