@@ -102,10 +102,10 @@ class RayExecutor:
         if not ray.is_initialized():
             ray.init(address=self.address, num_cpus=None if self.address else self.num_workers * self.threads,
                      include_dashboard=False, log_to_driver=False, configure_logging=False)
-        spec = att.spec
-        gpu = spec.device.startswith("cuda")  # workers use the device the driver was given (--device), never another
+        att_spec = att.spec
+        gpu = att_spec.device.startswith("cuda")  # workers use the device the driver was given (--device), never another
         Worker = ray.remote(num_cpus=self.threads, num_gpus=1 if gpu else 0)(_Worker)
-        actors = [Worker.remote(spec.to_dict(), self.threads, self.fail_after) for _ in range(self.num_workers)]
+        actors = [Worker.remote(att_spec.to_dict(), self.threads, self.fail_after) for _ in range(self.num_workers)]
         batches = [[(i, records[i]) for i in indices[s : s + self.batch_size]] for s in range(0, len(indices), self.batch_size)]
         bar = tqdm(total=len(indices), desc="graphs (ray)", unit="trace", disable=not self.progress)
         pending: dict = {}
