@@ -164,6 +164,8 @@ def train_transcoders_cmd(
     steps: int = typer.Option(2000),
     batch_tokens: int = typer.Option(4096),
     buffer_tokens: int = typer.Option(65_536, help="Activation buffer (tokens); memory ~ 8 * layers * d_model * this bytes."),
+    pool_tokens: int = typer.Option(0, help="> 0: harvest this many tokens once and train in epochs over them (memory ~ "
+                                    "4 * layers * d_model * this bytes; the fast way on a CPU); 0: fresh traces every buffer."),
     lr: float = typer.Option(1e-3),
     aux_k: int = typer.Option(256, help="Dead features the auxiliary (AuxK) loss uses per token."),
     resample_every: int = typer.Option(100, help="Steps between dead-feature resamplings (0: never)."),
@@ -183,7 +185,7 @@ def train_transcoders_cmd(
     lm, encoder = _model_and_encoder(model, prompt_format)
     cfg = TranscoderTrainConfig(
         expansion=expansion, k=k, steps=steps, batch_tokens=batch_tokens, buffer_tokens=buffer_tokens, lr=lr, aux_k=aux_k,
-        resample_every=resample_every, seed=seed
+        resample_every=resample_every, seed=seed, pool_tokens=pool_tokens
     )
     name = (model or DEFAULT_MODEL_DIR).resolve().name
     try:

@@ -187,3 +187,34 @@ def test_a_shared_prompt_is_run_once_and_counted_once(tiny_reasoner_dir):
     xr, yr = mlp_io(model, ids)
     torch.testing.assert_close(x, xr[:, mask], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(y, yr[:, mask], rtol=1e-4, atol=1e-4)
+
+
+def test_pooled_training_resumes_bit_exactly(tiny_reasoner_dir, tmp_path, monkeypatch):
+    """With an activation pool, batches are a pure function of (seed, step): a run stopped midway and
+    resumed ends with exactly the weights of an uninterrupted run."""
+    from crv.transcoders.activations import ActivationPool
+
+    model, tok = load_model(tiny_reasoner_dir)
+    enc = TraceEncoder(tok, PlainFormat())
+    cfg = TranscoderTrainConfig(expansion=4, k=4, steps=12, batch_tokens=128, pool_tokens=512, dead_tokens=300,
+                                warmup=2, resample_every=4)
+    straight = train_transcoders(model, enc, cfg, tmp_path / "a", progress=False, checkpoint_seconds=0)
+
+    real_batch = ActivationPool.batch
+
+    def stop_at_7(self, step):
+        if step == 7:
+            raise KeyboardInterrupt
+        return real_batch(self, step)
+
+    monkeypatch.setattr(ActivationPool, "batch", stop_at_7)
+    with pytest.raises(KeyboardInterrupt):
+        train_transcoders(model, enc, cfg, tmp_path / "b", progress=False, checkpoint_seconds=0)
+    monkeypatch.setattr(ActivationPool, "batch", real_batch)
+    resumed = train_transcoders(model, enc, cfg, tmp_path / "b", progress=False, resume=True, checkpoint_seconds=0)
+    for a, b in zip(straight, resumed):
+        assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    pool = ActivationPool(model, enc, 128, 512, seed=0, progress=False)
+    x, y = pool.batch(3)
+    assert x.shape == (model.config.num_hidden_layers, 128, model.config.hidden_size) and x.dtype == torch.float32
+    assert pool.per_epoch == 4 and not torch.equal(pool.batch(0)[0], pool.batch(4)[0])  # a new permutation each epoch

@@ -12,7 +12,7 @@ from transformers import PreTrainedModel
 
 from crv.lm.encode import TraceEncoder
 
-from crv.transcoders.activations import ActivationStream
+from crv.transcoders.activations import ActivationPool, ActivationStream
 from crv.transcoders.io import save_transcoders
 from crv.transcoders.transcoder import TopKTranscoder, TranscoderShape, topk_activation
 
@@ -35,6 +35,7 @@ class TranscoderTrainConfig:
     resample_every: int = 100  # steps between dead-feature resamplings (0: never)
     resample_until: float = 0.7  # fraction of training after which features are left alone
     seed: int = 0
+    pool_tokens: int = 0  # > 0: harvest this many tokens once and train on them in epochs (ActivationPool); 0: fresh traces
 
 
 def normalized_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -90,21 +91,17 @@ class _LayerTrainer:
             self.since_fired[idx] = 0
         return int(idx.numel())
 
-    def _selected(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """ReLU'd pre-activations of the chosen features only (gradients touch only those encoder rows)."""
-        tc = self.tc
-        pre = torch.einsum("bd,bkd->bk", x, tc.W_enc[idx]) + tc.b_enc[idx]
-        return torch.relu(pre)
-
     def _decode(self, idx: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.embedding_bag(idx, self.tc.W_dec, per_sample_weights=vals, mode="sum")
 
     def step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> tuple[float, float]:
         tc = self.tc
-        with torch.no_grad():  # choosing the features needs every pre-activation, the gradient does not
-            pre = tc.pre_activations(x)
-            idx = pre.topk(tc.k, dim=-1).indices
-        vals = self._selected(x, idx)
+        # every pre-activation is needed to choose the features; the gradient reaches only the chosen ones
+        # (``gather``'s backward scatters into a dense [tokens, features] gradient: two dense matrix products,
+        # ~6x faster on a CPU than gathering a [tokens, k, d_model] block of encoder rows)
+        pre = tc.pre_activations(x)
+        idx = pre.detach().topk(tc.k, dim=-1).indices
+        vals = torch.relu(pre.gather(1, idx))
         recon = self._decode(idx, vals) + tc.b_dec
         loss = normalized_mse(recon, y)
         fired = torch.zeros_like(self.since_fired, dtype=torch.bool)
@@ -118,7 +115,7 @@ class _LayerTrainer:
             m = min(self.cfg.aux_tokens, x.shape[0])
             with torch.no_grad():
                 a_idx = pre[:m].masked_fill(~dead, float("-inf")).topk(min(self.cfg.aux_k, n_dead), dim=-1).indices
-            a_recon = self._decode(a_idx, self._selected(x[:m], a_idx))
+            a_recon = self._decode(a_idx, torch.relu(pre[:m].gather(1, a_idx)))
             aux = torch.nan_to_num(normalized_mse(a_recon, (y[:m] - recon[:m]).detach()))
         total = loss + self.cfg.aux_coef * aux
         for g in self.opt.param_groups:
@@ -207,8 +204,9 @@ def train_transcoders(
     shape = TranscoderShape(d_model, cfg.expansion * d_model, cfg.k)
     ck = Path(out_dir) / "checkpoint" if out_dir is not None else None
     resuming = resume and ck is not None and (ck / "checkpoint.json").is_file()
-    stream = ActivationStream(model, encoder, cfg.batch_tokens, cfg.buffer_tokens, seed=cfg.seed)
-    x0, y0 = next(stream)
+    pool = ActivationPool(model, encoder, cfg.batch_tokens, cfg.pool_tokens, cfg.seed, progress) if cfg.pool_tokens else None
+    stream = None if pool else ActivationStream(model, encoder, cfg.batch_tokens, cfg.buffer_tokens, seed=cfg.seed)
+    x0, y0 = pool.batch(0) if pool else next(stream)  # type: ignore[arg-type]
     gen = torch.Generator().manual_seed(cfg.seed)
     trainers = []
     for layer in range(n_layers):
@@ -226,12 +224,13 @@ def train_transcoders(
     first, elapsed = 0, 0.0
     if resuming:
         first, log, elapsed = _load_checkpoint(trainers, cfg, ck)  # type: ignore[arg-type]
-        stream = ActivationStream(model, encoder, cfg.batch_tokens, cfg.buffer_tokens, seed=cfg.seed + 7919 * first)
+        if pool is None:
+            stream = ActivationStream(model, encoder, cfg.batch_tokens, cfg.buffer_tokens, seed=cfg.seed + 7919 * first)
     start = time.time() - elapsed
     last_ck = time.time()
     bar = tqdm(range(first, cfg.steps), desc="train transcoders", disable=not progress, initial=first, total=cfg.steps)
     for step in bar:
-        x, y = (x0, y0) if step == 0 else next(stream)
+        x, y = (x0, y0) if step == 0 else pool.batch(step) if pool else next(stream)  # type: ignore[arg-type]
         lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
         if step > 0.8 * cfg.steps:  # linear decay over the last 20%
             lr *= max(0.0, (cfg.steps - step) / (0.2 * cfg.steps))
