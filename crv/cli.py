@@ -434,6 +434,77 @@ def attribute_cmd(
                + (f"; skipped {len(skipped)} record(s) that could not be attributed (see above)" if skipped else ""))
 
 
+@app.command("describe-features")
+def describe_features_cmd(
+    model: Optional[Path] = typer.Option(None, help="Model directory (default: the shipped reasoner)."),
+    transcoders: Optional[Path] = typer.Option(None, help="Transcoder directory (default: the shipped set)."),
+    corpus: Optional[Path] = typer.Option(None, help="JSONL of records to read features on (default: the model's own "
+                                                     "greedy traces on fresh problems, --task x --n x --per-cell)."),
+    out: Optional[Path] = typer.Option(None, help="Output directory (default: TRANSCODERS/features, where `crv feature`, "
+                                                  "the service and `crv verify` look)."),
+    task: list[str] = typer.Option(["arith", "bool"], help="Tasks of the generated corpus."),
+    n: list[int] = typer.Option([2, 4, 6], help="Operator counts of the generated corpus."),
+    per_cell: int = typer.Option(20, help="Generated traces per task and n."),
+    seed: int = typer.Option(5, help="Problem seed of the generated corpus."),
+    rows_per_trace: int = typer.Option(128, help="CircuitLens firings per trace (0: every one; rows are the cost)."),
+    prompt_format: Optional[str] = typer.Option(None, help="Prompt format: plain or chat (default: the model's own)."),
+    k: Optional[int] = K_OPTION,
+    threads: int = THREADS_OPTION,
+) -> None:
+    """Describe every live feature: top activating contexts, WeightLens input/output tokens, CircuitLens upstream."""
+    _set_threads(threads)
+    from crv.attribution.engine import AttributionConfig
+    from crv.features.corpus import corpus_from_records, own_traces
+    from crv.features.describe import DescribeConfig, describe_features
+    from crv.features.store import STORE_DIRNAME, save_store
+    from crv.tasks.schema import read_records
+
+    att = _attributor(model, transcoders, AttributionConfig(), prompt_format, k=k)
+    if corpus is not None:
+        records, source = read_records(corpus), str(corpus)
+    else:
+        records = own_traces(att, task, n, per_cell, seed)
+        source = f"own greedy traces: tasks {task}, n {n}, {per_cell} each, seed {seed}"
+    cfg = DescribeConfig(circuit_rows_per_trace=rows_per_trace or None)
+    arrays, index = describe_features(att, corpus_from_records(att, records, source), cfg)
+    index["command"] = "crv " + " ".join(sys.argv[1:])
+    dest = out or att.transcoder_dir / STORE_DIRNAME  # type: ignore[operator]
+    save_store(arrays, index, lambda i: att.tokenizer.decode([i]), dest)
+    typer.echo(f"described {sum(index['live'])} live features of {index['n_layers']} layers in {index['seconds']} s -> {dest}")
+
+
+def _feature_store(store: Optional[Path], transcoders: Optional[Path]):  # type: ignore[no-untyped-def]
+    from crv.features.store import FeatureStore, FeatureStoreError
+    from crv.transcoders.io import DEFAULT_TRANSCODER_DIR
+
+    try:
+        return FeatureStore(store) if store is not None else FeatureStore.beside(transcoders or DEFAULT_TRANSCODER_DIR)
+    except FeatureStoreError as e:
+        raise typer.BadParameter(str(e), param_hint="--store / --transcoders") from e
+
+
+@app.command("feature")
+def feature_cmd(
+    feature: str = typer.Argument(..., help="LAYER:INDEX, e.g. 2:40."),
+    transcoders: Optional[Path] = typer.Option(None, help="Transcoder directory whose descriptions to read (default: the shipped set)."),
+    store: Optional[Path] = typer.Option(None, help="A description store directory (default: TRANSCODERS/features)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the card as JSON."),
+) -> None:
+    """Print one feature's card (descriptions written by `crv describe-features`)."""
+    import json as _json
+
+    try:
+        layer, index = (int(x) for x in feature.split(":"))
+    except ValueError as e:
+        raise typer.BadParameter(f"{feature!r} is not LAYER:INDEX (e.g. 2:40)", param_hint="FEATURE") from e
+    st = _feature_store(store, transcoders)
+    try:
+        card = st.card(layer, index)
+    except IndexError as e:
+        raise typer.BadParameter(str(e), param_hint="FEATURE") from e
+    typer.echo(_json.dumps(card.to_dict(), ensure_ascii=False, indent=1) if as_json else card.text())
+
+
 @app.command("evaluate")
 def evaluate_cmd(
     data: list[Path] = typer.Option([], help="Labelled JSONL record file(s); if none, the reasoner solves fresh problems."),

@@ -310,6 +310,11 @@ def test_viewer_page_in_headless_chromium(live_server):
             items[3].click()
             page.wait_for_selector("#graph circle.node.feature")
             assert page.locator("#graph line").count() > 0
+            # a flagged step's top features carry their descriptions; clicking a feature node shows its card
+            assert page.locator("#top-features tr.feature-row td:nth-child(5)").first.inner_text().strip()
+            page.locator("#graph circle.node.feature").first.click()
+            page.wait_for_function("document.getElementById('feature-card').textContent.includes('WeightLens in')")
+            assert page.locator("#feature-card .example .tok.hl").count() > 0
             page.click("#intervene")
             page.wait_for_function("document.getElementById('intervene-out').textContent.includes('before:')", timeout=60_000)
         finally:
@@ -375,3 +380,30 @@ def test_sigterm_lets_the_request_in_flight_finish(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_feature_card_endpoint_and_flagged_descriptions(verifier):
+    """GET /v1/features/{layer}/{index} serves the shipped descriptions; an out-of-range feature is a 404 that
+    names the range; a flagged step's first top features carry their descriptions, an unflagged step's none."""
+    client = TestClient(create_app(verifier))
+    card = client.get("/v1/features/0/12").json()
+    assert card["layer"] == 0 and card["index"] == 12 and card["description"]
+    assert {"input_tokens", "output_tokens", "upstream", "examples", "context_independent"} <= set(card)
+    assert card == json.loads(json.dumps(verifier.features.card(0, 12).to_dict()))
+    for path, needle in (("/v1/features/0/99999", "features 0..1023"), ("/v1/features/7/1", "layers 0..3")):
+        r = client.get(path)
+        assert r.status_code == 404 and needle in r.json()["detail"]
+    steps = client.post("/v1/verify", json=FLAGGED).json()["steps"]
+    flagged = [s for s in steps if s["flagged"]]
+    assert flagged, "the shipped verifier flags 11*47=587"
+    for s in steps:
+        described = [f["description"] for f in s["top_features"]]
+        if s["flagged"]:
+            assert all(described[:5]) and not any(described[5:])
+            first = s["top_features"][0]
+            assert described[0] == verifier.features.card(first["layer"], first["feature"]).description
+        else:
+            assert not any(described)
+    locked = TestClient(create_app(verifier, ServiceSettings(api_key="s3cret")))
+    assert locked.get("/v1/features/0/12").status_code == 401
+    assert locked.get("/v1/features/0/12", headers={"X-API-Key": "s3cret"}).status_code == 200

@@ -282,10 +282,23 @@ def create_app(verifier: Verifier, settings: ServiceSettings = ServiceSettings()
         except (StepFormatError, UnknownCharacterError) as e:
             raise HTTPException(422, str(e)) from e
         out = [StepResult(index=v.index, text=v.text, p_faulty=v.p_faulty, flagged=v.flagged, threshold=v.threshold,
-                          top_features=[TopFeature(layer=l, position=p, feature=f, influence=i) for l, p, f, i in v.top_features],
+                          top_features=[TopFeature(layer=l, position=p, feature=f, influence=i,
+                                                   description=v.descriptions[j] if j < len(v.descriptions) else None)
+                                        for j, (l, p, f, i) in enumerate(v.top_features)],
                           fingerprint=v.fingerprint, graph=v.graph) for v in verdicts]
         return VerifyResponse(steps=out, model=verifier.att.model_id, classifier=verifier.classifier_id,
                               elapsed_ms=1000 * (time.perf_counter() - start))
+
+    @app.get("/v1/features/{layer}/{index}")
+    async def feature_card(layer: int, index: int) -> dict:
+        """One feature's card: activation examples, WeightLens input/output tokens, CircuitLens upstream."""
+        if verifier.features is None:
+            raise HTTPException(404, "no feature descriptions beside this transcoder set: write them with "
+                                     "`crv describe-features --model DIR --transcoders DIR`")
+        try:
+            return verifier.features.card(layer, index).to_dict()
+        except IndexError as e:
+            raise HTTPException(404, str(e)) from e
 
     @app.post("/v1/intervene", response_model=InterveneResponse)
     async def intervene(req: InterveneRequest) -> InterveneResponse:

@@ -69,6 +69,7 @@ class TopFeature(BaseModel):
     position: int
     feature: int
     influence: float
+    description: str | None = None  # on a flagged step's first features, where descriptions exist (crv describe-features)
 
 
 class StepResult(BaseModel):

@@ -43,6 +43,8 @@ class StepVerdict:
     top_features: list[tuple[int, int, int, float]]  # (layer, position, feature, influence), most influential first
     fingerprint: dict[str, float]
     graph: dict | None = field(default=None)  # the pruned graph as nodes / edges (on request)
+    #: for a flagged step, the one-line descriptions of its first top features (None where no store is beside the set)
+    descriptions: list[str | None] = field(default_factory=list)
 
 
 def split_text(text: str) -> list[str]:
@@ -60,10 +62,21 @@ def _file_checksum(*paths: Path) -> str:
 class Verifier:
     """An attributor (model + transcoders + settings) and a trained step classifier."""
 
+    #: top features of a flagged step that get their description in the verdict
+    DESCRIBED = 5
+
     def __init__(self, att: Attributor, classifier: StepClassifier, threshold: float = 0.5, target: str = "last",
                  top_k: int = 10, classifier_id: str = "") -> None:
+        from crv.features.store import FeatureStore, FeatureStoreError
+
         self.att, self.classifier, self.threshold, self.target, self.top_k = att, classifier, threshold, target, top_k
         self.classifier_id = classifier_id
+        self.features: FeatureStore | None = None  # the descriptions beside the transcoder set, where there are some
+        if att.transcoder_dir is not None:
+            try:
+                self.features = FeatureStore.beside(att.transcoder_dir)
+            except FeatureStoreError:
+                pass
 
     @classmethod
     def load(cls, model_dir: str | Path | None = None, transcoder_dir: str | Path | None = None,
@@ -147,4 +160,6 @@ class Verifier:
         p = self.classifier.predict_proba(pd.DataFrame(rows))[:, 1]
         for v, pk in zip(out, p):
             v.p_faulty, v.flagged = float(pk), bool(pk >= self.threshold)
+            if v.flagged and self.features is not None:
+                v.descriptions = [self.features.card(l, f).description for l, _, f, _ in v.top_features[: self.DESCRIBED]]
         return out

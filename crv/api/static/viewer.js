@@ -61,8 +61,14 @@ function showStep(i) {
   document.querySelectorAll("#steplist li").forEach((li) => li.classList.toggle("selected", +li.dataset.index === i));
   $("detail").hidden = false;
   $("detail-title").textContent = `Step ${i}: ${s.text}`;
-  const rows = s.top_features.map((f) => `<tr><td>${f.layer}</td><td>${f.position}</td><td>${f.feature}</td><td>${f.influence.toFixed(4)}</td></tr>`);
-  $("top-features").innerHTML = `<table><tr><th>layer</th><th>position</th><th>feature</th><th>influence</th></tr>${rows.join("")}</table>`;
+  const rows = s.top_features.map((f) => `<tr class="feature-row" data-layer="${f.layer}" data-feature="${f.feature}">` +
+    `<td>${f.layer}</td><td>${f.position}</td><td>${f.feature}</td><td>${f.influence.toFixed(4)}</td>` +
+    `<td>${f.description ? escapeHtml(f.description) : ""}</td></tr>`);
+  $("top-features").innerHTML = `<table><tr><th>layer</th><th>position</th><th>feature</th><th>influence</th>` +
+    `<th>description</th></tr>${rows.join("")}</table>`;
+  document.querySelectorAll("#top-features tr.feature-row").forEach((tr) =>
+    tr.addEventListener("click", () => showFeature(+tr.dataset.layer, +tr.dataset.feature)));
+  $("feature-card").hidden = true;
   drawGraph(s.graph);
   $("intervene").dataset.index = i;
   $("intervene-out").textContent = "";
@@ -96,8 +102,39 @@ function drawGraph(g) {
     t.textContent = n.kind === "feature" ? `L${n.layer} pos ${n.position} f${n.feature} act ${n.activation.toFixed(3)}`
       : `${n.kind} ${n.text !== undefined ? JSON.stringify(n.text) : ""} pos ${n.position}`;
     c.appendChild(t);
+    if (n.kind === "feature") c.addEventListener("click", () => showFeature(n.layer, n.feature));
     svg.appendChild(c);
   });
+}
+
+function escapeHtml(x) {
+  return String(x).replace(/[&<>"]/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;" })[c]);
+}
+
+async function showFeature(layer, index) {  // the feature's card (GET /v1/features/{layer}/{index})
+  const box = $("feature-card");
+  box.hidden = false;
+  box.innerHTML = `<h3>L${layer}:${index}</h3><p class="muted">loading…</p>`;
+  const res = await fetch(`/v1/features/${layer}/${index}`, { headers: headers() });
+  const c = await res.json();
+  if (!res.ok) { box.innerHTML = `<h3>L${layer}:${index}</h3><p>${escapeHtml(c.detail)}</p>`; return; }
+  const toks = (xs) => xs.slice(0, 6).map(([t, v]) => `<code>${escapeHtml(JSON.stringify(t))}</code> ${v.toFixed(2)}`).join(", ");
+  const ex = c.examples.slice(0, 5).map((e) => {
+    const max = Math.max(1e-9, ...e.activations);
+    const spans = e.tokens.map((t, j) => `<span class="tok${j === e.highlight ? " hl" : ""}" style="background: rgba(230, 126, 34, ` +
+      `${(e.activations[j] / max).toFixed(2)})">${escapeHtml(t)}</span>`).join("");
+    return `<div class="example"><span class="act">${e.activation.toFixed(2)}</span> ${spans}</div>`;
+  }).join("");
+  box.innerHTML = `<h3>L${layer}:${index} — ${escapeHtml(c.description)}</h3>
+    <p>fires on ${(100 * c.frequency).toFixed(2)}% of tokens · act max ${c.act_max.toFixed(2)} ·
+       ${c.context_independent ? "context-independent" : "context-dependent"} (token identity explains ${(100 * c.eta2).toFixed(0)}%)</p>
+    <table>
+      <tr><th>WeightLens in</th><td>${toks(c.input_tokens)}</td></tr>
+      <tr><th>promotes</th><td>${toks(c.output_tokens)}</td></tr>
+      <tr><th>suppresses</th><td>${toks(c.suppressed_tokens)}</td></tr>
+      <tr><th>CircuitLens upstream</th><td>${c.upstream.slice(0, 6).map(([s, v]) => `${escapeHtml(s)} ${v.toFixed(2)}`).join(", ")}</td></tr>
+    </table>
+    <div class="examples">${ex}</div>`;
 }
 
 async function tryIntervention() {
