@@ -224,6 +224,7 @@ def test_intervene_endpoint(verifier):
     out = r.json()
     assert out["before"] == FAULTY["steps"][2] and 1 <= len(out["features"]) <= 3 and isinstance(out["position"], int)
     assert out["steps"][:2] == FAULTY["steps"][:2] and len(out["labels"]) == len(out["steps"])
+    assert out["descriptions"] == [verifier.features.card(l, f).description for l, f in out["features"]]  # named
     r = client.post("/v1/intervene", json={**FAULTY, "step_index": 1, "features": [[0, 5], [2, 9]], "mode": "scale", "value": 2})
     assert r.status_code == 200 and r.json()["features"] == [[0, 5], [2, 9]]
     r = client.post("/v1/intervene", json={**FAULTY, "step_index": 5})

@@ -25,6 +25,18 @@ def labelled_record(task: str, question: str, steps: list[str]) -> Record:
     return label_output(problem, "\n".join(steps), source="request")
 
 
+def describe(verifier: Verifier, features: list[tuple[int, int]]) -> list[str | None]:
+    """One-line descriptions of features (None each where the set has no description store, or out of its range)."""
+    store = verifier.features
+    out: list[str | None] = []
+    for layer, index in features:
+        try:
+            out.append(store.card(layer, index).description if store is not None else None)
+        except IndexError:
+            out.append(None)
+    return out
+
+
 def run_intervention(verifier: Verifier, req: InterveneRequest) -> InterveneResponse:
     """Edit the requested (or suggested) features at the step and regenerate the rest of the trace."""
     record = labelled_record(req.task, req.question, list(req.steps))
@@ -48,7 +60,7 @@ def run_intervention(verifier: Verifier, req: InterveneRequest) -> InterveneResp
     out = intervene(verifier.att.model, verifier.att.encoder, verifier.att.transcoders, record, req.step_index,
                     features, req.mode, value, where)
     return InterveneResponse(
-        step_index=req.step_index, features=[list(f) for f in features], mode=req.mode, value=value, position=where,
+        step_index=req.step_index, features=[list(f) for f in features], descriptions=describe(verifier, features), mode=req.mode, value=value, position=where,
         before=record.steps[req.step_index], after=out.new_step, continuation=out.continuation,
         steps=out.record.steps, labels=out.record.labels, step_correct=out.step_correct, solved=out.solved,
         final_answer=out.record.final_answer,

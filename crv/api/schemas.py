@@ -110,6 +110,7 @@ class InterveneRequest(BaseModel):
 class InterveneResponse(BaseModel):
     step_index: int
     features: list[FeaturePair]
+    descriptions: list[str | None] = []  # of the edited features, where descriptions exist (crv describe-features)
     mode: str
     value: float
     position: int | str

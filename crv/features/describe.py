@@ -12,7 +12,7 @@ Per feature (``[F, ...]`` arrays per layer, saved by :mod:`crv.features.store`):
   weighted by its activation: ``sum_i a_i * A_i[s] / sum_i a_i`` over its firings ``i`` (``A_i`` the
   firing's row of the attribution graph: direct effects of every upstream feature, error and token on its
   pre-activation, attention and norms frozen, exactly the graph's edges), grouped by upstream identity
-  (feature ``layer:index``, error layer, token at the same position or earlier); and, where the firings'
+  (feature ``layer:index``, error layer, the firing's own token, an earlier token by id); and, where the firings'
   upstream patterns split in two (k-means, silhouette >= ``cluster_silhouette``), the two clusters.
 
 Position 0 (the lead token, where activations are outliers) is left out everywhere.
@@ -110,7 +110,9 @@ def _one_trace(att: Attributor, ids: torch.Tensor, i: int, cfg: DescribeConfig, 
     here = tpos == pos[chosen].unsqueeze(1)
     kind = torch.where(is_feat, FEATURE, torch.where(is_err, ERROR, torch.where(here, TOKEN_HERE, TOKEN_BEFORE)))
     key_layer = torch.where(is_feat, layer[sf], torch.where(is_err, (src - eo).div(T, rounding_mode="floor"), 0))
-    key_index = torch.where(is_feat, feat[sf], torch.where(is_err, 0, ids[tpos]))
+    # the firing's own token is one identity ("its own token": which tokens they are, the activation tokens say);
+    # earlier tokens keep their ids
+    key_index = torch.where(is_feat, feat[sf], torch.where(is_err | here, 0, ids[tpos]))
     acc.c_gid.append(layer[chosen] * F + feat[chosen])
     acc.c_act.append(act[chosen])
     acc.c_keys.append(pack_key(kind, key_layer, key_index))

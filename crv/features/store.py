@@ -40,7 +40,7 @@ def token_ids_used(arrays: dict[str, torch.Tensor]) -> set[int]:
         elif name.endswith((".circuit_keys", ".cluster_keys")):
             k = t[t >= 0]
             kind = k >> 40
-            ids.update((k[(kind == TOKEN_HERE) | (kind == TOKEN_BEFORE)] & 0xFFFFFF).unique().tolist())
+            ids.update((k[kind == TOKEN_BEFORE] & 0xFFFFFF).unique().tolist())
     return ids
 
 
@@ -95,13 +95,15 @@ class FeatureStore:
             raise IndexError(f"feature {index} out of range: layer {layer} has features 0..{self.d_transcoder - 1}")
 
     def source_label(self, key: int) -> str:
-        """A CircuitLens upstream identity as text: ``L3:17``, ``error L2``, ``token "7"``, ``earlier token "+"``."""
+        """A CircuitLens upstream identity as text: ``L3:17``, ``error L2``, ``own token``, ``earlier token "+"``."""
         kind, layer, index = unpack_key(int(key))
         if kind == 0:
             return f"L{layer}:{index}"
         if kind == 1:
             return f"error L{layer}"
-        return ("token " if kind == TOKEN_HERE else "earlier token ") + json.dumps(self.token(index), ensure_ascii=False)
+        if kind == TOKEN_HERE:
+            return "own token"
+        return "earlier token " + json.dumps(self.token(index), ensure_ascii=False)
 
     def card(self, layer: int, index: int):  # type: ignore[no-untyped-def]
         from crv.features.card import build_card

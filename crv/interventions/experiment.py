@@ -117,21 +117,31 @@ def _rate(values: list[bool]) -> float | None:
     return float(np.mean(values)) if values else None
 
 
-def _example(plan: StepPlan, runs: dict[str, Regeneration]) -> dict:
+def _example(plan: StepPlan, runs: dict[str, Regeneration], describe=None) -> dict:  # type: ignore[no-untyped-def]
+    """A worked case; ``describe(layer, feature) -> str`` names each edited feature (its card's description)."""
+    name = describe or (lambda layer, feature: None)
     return {
         "problem_id": plan.record.problem_id, "question": plan.record.question, "step_index": plan.step_index,
         "p_faulty": round(plan.p_faulty, 4), "before": plan.record.steps[plan.step_index],
         "arms": {arm: {"step": r.new_step, "step_correct": r.step_correct, "solved": r.solved,
                        "final_answer": r.record.final_answer,
-                       "features": [(e.layer, e.feature, e.mode, e.value) for e in r.edits]} for arm, r in runs.items()},
+                       "features": [(e.layer, e.feature, e.mode, e.value) for e in r.edits],
+                       "descriptions": [name(e.layer, e.feature) for e in r.edits]} for arm, r in runs.items()},
     }
 
 
 def run_experiment(att: Attributor, classifier: StepClassifier, records: Sequence[Record],
                    config: InterventionConfig = InterventionConfig(), progress: bool = True) -> dict:
     """The experiment on a labelled dataset, per task: rates of every arm, the controls and the harm rate."""
+    from crv.features.store import FeatureStore, FeatureStoreError
+
     rng = np.random.default_rng(config.seed)
     out: dict = {"settings": asdict(config)}
+    try:  # the edited features are named by their descriptions where the set has some
+        store = FeatureStore.beside(att.transcoder_dir) if att.transcoder_dir is not None else None
+    except FeatureStoreError:
+        store = None
+    describe = (lambda layer, feature: store.card(layer, feature).description) if store is not None else None
     for task in sorted({r.task for r in records}):
         recs = [r for r in records if r.task == task and r.steps]
         faulty = [(r, len(r.steps) - 1) for r in recs if r.labels[-1] == 0]
@@ -149,7 +159,7 @@ def run_experiment(att: Attributor, classifier: StepClassifier, records: Sequenc
                          **{f"{a}.step": runs[a].step_correct for a in ARMS if a in runs},
                          **{f"{a}.solved": runs[a].solved for a in ARMS if a in runs}})
             if reproduced and any(runs[a].solved for a in ARMS[:2] if a in runs) and len(examples) < config.n_examples:
-                examples.append(_example(plan, runs))
+                examples.append(_example(plan, runs, describe))
         n_harm = config.harm_steps if config.harm_steps is not None else max(len(rows), 1)
         solved = [r for r in recs if r.solved]
         harm_rows = []
@@ -220,8 +230,9 @@ def format_example(ex: dict) -> str:
              f"  before:            {ex['before']}"]
     for arm, a in ex["arms"].items():
         mark = "answer right" if a["solved"] else "answer wrong"
-        lines.append(f"  {arm + ':':<18} {a['step']}   [{'step ok' if a['step_correct'] else 'step wrong'}, {mark}]"
-                     + (f"  edits {[(l, f) for l, f, _, _ in a['features']]}" if a["features"] else ""))
+        lines.append(f"  {arm + ':':<18} {a['step']}   [{'step ok' if a['step_correct'] else 'step wrong'}, {mark}]")
+        for (l, f, mode, value), desc in zip(a["features"], a.get("descriptions") or [None] * len(a["features"])):
+            lines.append(f"      edits L{l}:{f} ({mode} {value:g})" + (f": {desc}" if desc else ""))
     return "\n".join(lines)
 
 

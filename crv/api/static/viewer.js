@@ -122,7 +122,7 @@ async function showFeature(layer, index) {  // the feature's card (GET /v1/featu
   const ex = c.examples.slice(0, 5).map((e) => {
     const max = Math.max(1e-9, ...e.activations);
     const spans = e.tokens.map((t, j) => `<span class="tok${j === e.highlight ? " hl" : ""}" style="background: rgba(230, 126, 34, ` +
-      `${(e.activations[j] / max).toFixed(2)})">${escapeHtml(t)}</span>`).join("");
+      `${(e.activations[j] / max).toFixed(2)})">${escapeHtml(t.replace(/\n/g, "⏎"))}</span>`).join("");
     return `<div class="example"><span class="act">${e.activation.toFixed(2)}</span> ${spans}</div>`;
   }).join("");
   box.innerHTML = `<h3>L${layer}:${index} — ${escapeHtml(c.description)}</h3>
@@ -133,6 +133,7 @@ async function showFeature(layer, index) {  // the feature's card (GET /v1/featu
       <tr><th>promotes</th><td>${toks(c.output_tokens)}</td></tr>
       <tr><th>suppresses</th><td>${toks(c.suppressed_tokens)}</td></tr>
       <tr><th>CircuitLens upstream</th><td>${c.upstream.slice(0, 6).map(([s, v]) => `${escapeHtml(s)} ${v.toFixed(2)}`).join(", ")}</td></tr>
+      ${c.clusters.map((cl, j) => `<tr><th>pattern ${j + 1}</th><td>${cl.map(([s, v]) => `${escapeHtml(s)} ${v.toFixed(2)}`).join(", ")}</td></tr>`).join("")}
     </table>
     <div class="examples">${ex}</div>`;
 }
@@ -144,7 +145,8 @@ async function tryIntervention() {
   $("intervene-out").textContent = "regenerating…";
   try {
     const r = await post("/v1/intervene", body);
-    $("intervene-out").textContent = `edited ${JSON.stringify(r.features)} at position ${r.position}\n` +
+    const named = r.features.map(([l, f], j) => `L${l}:${f}${r.descriptions[j] ? ` (${r.descriptions[j]})` : ""}`);
+    $("intervene-out").textContent = `edited ${named.join("; ")} at position ${r.position}\n` +
       `before: ${r.before}\nafter:  ${r.after}\nstep ${r.step_correct ? "correct" : "still wrong"}; ` +
       `final answer ${r.final_answer} (${r.solved ? "right" : "wrong"})\n\n${r.continuation}`;
   } catch (e) { $("intervene-out").textContent = e.message; }
