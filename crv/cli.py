@@ -414,6 +414,17 @@ def attribute_cmd(
         recs = recs[:limit]
     att = _attributor(model, transcoders, AttributionConfig(max_feature_nodes=max_feature_nodes or None, batch_size=batch_size),
                       prompt_format, device, dtype, k)
+    ct_kwargs: dict = {}
+    if export_circuit_tracer:  # feature descriptions travel with the export where the set has some
+        from crv.features.store import FeatureStore, FeatureStoreError
+
+        try:
+            store = FeatureStore.beside(att.transcoder_dir)
+            ct_kwargs = {"describe": lambda l, f: store.card(l, f).description,
+                         "feature_file": lambda l, f, i: store.card(l, f).circuit_tracer_json(att.transcoders.checksum(), i)}
+        except FeatureStoreError:
+            typer.echo("no feature descriptions beside the transcoder set (`crv describe-features` writes them): "
+                       "the export's feature nodes carry no examples", err=True)
     n, skipped = 0, []
     for rec in tqdm(recs, desc="attribute", unit="trace"):
         try:
@@ -428,7 +439,8 @@ def attribute_cmd(
             if full:
                 g.save(out / rec.problem_id / name)
             if export_circuit_tracer:
-                write_circuit_tracer_files(g, out / "circuit-tracer", f"{rec.problem_id}-{name}", att.tokenizer.decode)
+                write_circuit_tracer_files(g, out / "circuit-tracer", f"{rec.problem_id}-{name}", att.tokenizer.decode,
+                                           **ct_kwargs)
             n += 1
     typer.echo(f"wrote {n} graphs for {len(recs) - len(skipped)} traces to {out}"
                + (f"; skipped {len(skipped)} record(s) that could not be attributed (see above)" if skipped else ""))

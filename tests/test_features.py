@@ -134,3 +134,30 @@ def test_precision_at_k_counts_overlap_out_of_available_tokens():
     p = precision_at_k(wl, act, 5)
     assert p[0] == pytest.approx(2 / 3) and torch.isnan(p[1]) and p[2] == 0
     assert isinstance(Corpus.from_sequences([[1, 2], [3]], "x").sequence(1), torch.Tensor)
+
+
+def test_circuit_tracer_export_carries_feature_files_and_labels(tmp_path):
+    """`crv attribute --export-circuit-tracer` on the shipped set (which ships descriptions): every feature node has a
+    label (its description) and a feature file in circuit-tracer's layout where the graph's scan points."""
+    from typer.testing import CliRunner
+
+    from crv.cli import app
+    from crv.tasks.cot import generate_problems
+    from crv.tasks.label import label_output
+    from crv.tasks.schema import write_records
+
+    write_records([label_output(p, p.completion) for p in generate_problems("arith", 2, 1, seed=4)], tmp_path / "r.jsonl")
+    out = tmp_path / "g"
+    r = CliRunner().invoke(app, ["attribute", str(tmp_path / "r.jsonl"), "--out", str(out), "--max-feature-nodes", "64",
+                                 "--export-circuit-tracer", "--threads", "1"])
+    assert r.exit_code == 0, r.output
+    ct = out / "circuit-tracer"
+    graphs = [json.loads(p.read_text()) for p in ct.glob("*-step*.json")]
+    assert graphs
+    for g in graphs:
+        assert g["metadata"]["scan"] == "./graph_data/features"
+        feats = [n for n in g["nodes"] if n["feature_type"] == "cross layer transcoder"]
+        assert feats and all(n["clerp"] for n in feats)
+        for n in feats:
+            doc = json.loads((ct / "features" / f"{n['feature']}.json").read_text())
+            assert doc["index"] == n["feature"] and doc["examples_quantiles"][0]["examples"]

@@ -36,8 +36,10 @@ def to_circuit_tracer_json(
     node_threshold: float = NODE_THRESHOLD,
     edge_threshold: float = EDGE_THRESHOLD,
     prompt: str | None = None,
+    describe: Callable[[int, int], str] | None = None,
 ) -> dict:
-    """The graph as circuit-tracer's frontend JSON document; ``prompt``: the text the graph was computed on,
+    """The graph as circuit-tracer's frontend JSON document; ``describe(layer, feature)`` fills each feature node's
+    ``clerp`` (the label the frontend shows); ``prompt``: the text the graph was computed on,
     kept as given (default: the graph's ``meta["prompt"]``, else the joined per-token decodes, in which a
     character split across tokens shows as U+FFFD)."""
     pr = prune(graph, node_threshold, edge_threshold)
@@ -51,7 +53,8 @@ def to_circuit_tracer_json(
             a = int(graph.selected_features[i])
             layer, pos, feat = graph.active_features[a].tolist()
             nodes[i] = _node(f"{layer}_{feat}_{pos}", f"{layer}_{feat}-0", _cantor(layer, feat), str(layer), pos,
-                             "cross layer transcoder", influence=infl, activation=float(graph.activation_values[a]))
+                             "cross layer transcoder", influence=infl, activation=float(graph.activation_values[a]),
+                             clerp=describe(layer, feat) if describe is not None else "")
         elif i < err_end:
             layer, pos = divmod(i - nf, n_pos)
             nodes[i] = _node(f"0_{layer}_{pos}", f"{layer}_{pos}-0", -1, str(layer), pos, "mlp reconstruction error",
@@ -82,13 +85,33 @@ def to_circuit_tracer_json(
     return {"metadata": metadata, "qParams": qparams, "nodes": used, "links": links}
 
 
+#: where exported feature files live, as the frontend's local server serves ``out_dir`` (``/graph_data/``)
+FEATURE_SCAN = "./graph_data/features"
+
+
 def write_circuit_tracer_files(
-    graph: Graph, out_dir: str | Path, slug: str, decode: Callable[[int], str], **kwargs  # type: ignore[no-untyped-def]
+    graph: Graph, out_dir: str | Path, slug: str, decode: Callable[[int], str],
+    feature_file: Callable[[int, int, int], dict] | None = None, **kwargs  # type: ignore[no-untyped-def]
 ) -> Path:
-    """Write ``<slug>.json`` and register it in ``graph-metadata.json`` under ``out_dir``."""
+    """Write ``<slug>.json`` and register it in ``graph-metadata.json`` under ``out_dir``.
+
+    With ``feature_file(layer, feature, index) -> dict`` (circuit-tracer's feature-file layout), each feature node's
+    file is written to ``out_dir/features/<index>.json`` (``index``: the node's Cantor-paired feature id) and the
+    graph's ``scan`` points there, so circuit-tracer's own frontend (``circuit_tracer.frontend.local_server.serve``
+    on ``out_dir``) shows the examples and top logits of every feature."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if feature_file is not None:
+        kwargs["scan"] = FEATURE_SCAN
     doc = to_circuit_tracer_json(graph, decode, slug, **kwargs)
+    if feature_file is not None:
+        (out_dir / "features").mkdir(exist_ok=True)
+        for node in doc["nodes"]:
+            if node["feature_type"] == "cross layer transcoder":
+                layer, feat = int(node["layer"]), int(node["node_id"].split("_")[1])
+                target = out_dir / "features" / f"{node['feature']}.json"
+                if not target.is_file():
+                    target.write_text(json.dumps(feature_file(layer, feat, node["feature"])))
     path = out_dir / f"{slug}.json"
     path.write_text(json.dumps(doc, indent=2))
     index = out_dir / "graph-metadata.json"
