@@ -1,85 +1,120 @@
-"""Intervention experiment on fresh reasoner-written traces, flagged by the shipped verifier.
+"""Intervention experiment on the powered evaluation's traces, flagged out of fold -> benchmarks/results/interventions.json.
 
-    python benchmarks/interventions.py --count 40 --bool-count 100
+    python benchmarks/interventions.py                      # the shipped reasoner, 3 seeds' traces
+    python benchmarks/interventions.py --max-faulty 40      # a shorter run
 
-Generates problems the verifier never saw (seed differs from the evaluation benchmark), lets
-the shipped reasoner solve them, flags faulty steps with models/classifiers/default and runs
-`crv.interventions.experiment` (targeted vs random-feature arms, harm on correct steps).
-Writes benchmarks/results/interventions.json (the issue's format plus per-arm detail) and the
-full run (per-step rows, worked examples) under runs/benchmark-interventions/.
+The traces are the powered evaluation's (``benchmarks/data/evaluation/seed-*/``: the shipped reasoner's own
+greedy traces, labelled by crv's checker, with their archived graph fingerprints). Each step is scored out of
+fold: a CRV classifier (the shipped verifier's settings) is fitted on 4/5 of the problems and scores the rest,
+so no step is flagged by a classifier that saw it. Flagged faulty steps then go through
+:func:`crv.interventions.experiment.run_experiment`: three selection rules against matched controls, a
+dose-response curve, harm on correct steps (a random sample, and the correct steps the verifier flags),
+intervals from a bootstrap over problems. The full run (per-step rows, worked cases) goes to ``--run-dir``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import torch
 
 from crv.attribution.attributor import Attributor
 from crv.attribution.engine import AttributionConfig
-from crv.classify.model import DEFAULT_CLASSIFIER, StepClassifier
+from crv.classify.model import StepClassifier
+from crv.extract import FingerprintArchive, trace_keys
+from crv.extract.archive import fingerprint_columns  # noqa: F401  (documents where the columns come from)
 from crv.interventions.experiment import InterventionConfig, markdown, run_experiment, write_results
-from crv.reasoner.generate import generate_records
-from crv.tasks.cot import generate_problems
-from crv.tasks.schema import read_records, write_records
+from crv.tasks.schema import read_records
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path(__file__).parent / "results" / "interventions.json"
+DATA = Path(__file__).parent / "data" / "evaluation"
+
+
+def out_of_fold_scores(att: Attributor, records: list, archive_paths: list[Path], folds: int = 5, seed: int = 0
+                       ) -> dict[tuple[str, int], float]:
+    """``{(problem_id, step): p_faulty}`` from a CRV classifier fitted on the other folds of problems."""
+    rows = []
+    for path in archive_paths:
+        archive = FingerprintArchive(path)
+        recs = [r for r in records if r.steps]
+        for r, key in zip(recs, trace_keys(att, recs, extra_targets=("uncertain",))):
+            fps = archive.get(key, len(r.steps))
+            if fps is None:
+                continue
+            for k, fp in enumerate(fps):
+                rows.append({"problem_id": r.problem_id, "step_index": k, "faulty": int(r.labels[k] == 0),
+                             **{c: v for c, v in fp.items() if ":" not in c}})
+    table = pd.DataFrame(rows).drop_duplicates(["problem_id", "step_index"])
+    cols = [c for c in table.columns if c not in ("problem_id", "step_index", "faulty")]
+    problems = table["problem_id"].unique()
+    fold_of = dict(zip(problems, np.random.default_rng(seed).permutation(len(problems)) % folds))
+    fold = table["problem_id"].map(fold_of).to_numpy()
+    p = np.zeros(len(table))
+    for f in range(folds):
+        train, test = fold != f, fold == f
+        clf = StepClassifier().fit(table.loc[train, cols], table.loc[train, "faulty"].to_numpy())
+        p[test] = clf.predict_proba(table.loc[test, cols])[:, 1]
+    return {(pid, int(k)): float(v) for pid, k, v in zip(table["problem_id"], table["step_index"], p)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--count", type=int, default=40, help="arithmetic problems per n in {5, 7, 10}")
-    ap.add_argument("--bool-count", type=int, default=100, help="boolean problems at n = 10")
-    ap.add_argument("--seed", type=int, default=4242)
-    ap.add_argument("--classifier", type=Path, default=DEFAULT_CLASSIFIER)
+    ap.add_argument("--seeds", type=int, nargs="*", default=[2027, 2028, 2029])
+    ap.add_argument("--max-faulty", type=int, default=120, help="flagged faulty steps per task")
+    ap.add_argument("--harm-steps", type=int, default=100, help="correct steps per harm sample and task")
     ap.add_argument("--k", type=int, default=3)
-    ap.add_argument("--factor", type=float, default=3.0)
-    ap.add_argument("--locate", default="uncertain")
-    ap.add_argument("--positions", default="suspect")
-    ap.add_argument("--max-faulty", type=int, default=None)
+    ap.add_argument("--factor", type=float, default=0.0)
+    ap.add_argument("--rule", default="logit")
+    ap.add_argument("--threshold", type=float, default=0.5)
+    ap.add_argument("--max-feature-nodes", type=int, default=1024, help="the evaluation's graph cap (its archives' key)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--run-dir", type=Path, default=Path("runs/benchmark-interventions"))
+    ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    command = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/interventions.py", *sys.argv[1:]])
-
-    clf = StepClassifier.load(args.classifier)
-    cap = clf.meta.get("provenance", {}).get("attribution", {}).get("max_feature_nodes", 1024)
-    att = Attributor.load(config=AttributionConfig(max_feature_nodes=cap))
-    records_path = args.run_dir / "records.jsonl"
-    if records_path.is_file():
-        records = read_records(records_path)
-    else:
-        problems = [p for n in (5, 7, 10) for p in generate_problems("arith", n, args.count, seed=args.seed)]
-        problems += generate_problems("bool", 10, args.bool_count, seed=args.seed)
-        records = generate_records(att.model, att.encoder, problems)
-        write_records(records, records_path)
-    cfg = InterventionConfig(k=args.k, factor=args.factor, locate=args.locate, positions=args.positions, max_faulty=args.max_faulty)
+    command = "python " + shlex.join(["benchmarks/interventions.py", *sys.argv[1:]])
+    att = Attributor.load(config=AttributionConfig(max_feature_nodes=args.max_feature_nodes))
+    cfg = InterventionConfig(k=args.k, factor=args.factor, rule=args.rule, threshold=args.threshold,
+                             max_faulty=args.max_faulty, harm_steps=args.harm_steps, seed=args.seed)
     start = time.time()
-    results = run_experiment(att, clf, records, cfg)
+    results: dict = {"settings": None}
+    flagged_counts = {}
+    for task in ("arith", "bool"):
+        records = [r for s in args.seeds for r in read_records(DATA / f"seed-{s}" / f"{task}-records.jsonl")]
+        scores = out_of_fold_scores(att, records, [DATA / f"seed-{s}" / f"{task}-fingerprints.parquet" for s in args.seeds])
+        faulty = [(r.problem_id, len(r.steps) - 1) for r in records if r.steps and r.labels[-1] == 0]
+        flagged_counts[task] = {"faulty": len(faulty), "flagged": sum(scores.get(f, 0) >= args.threshold for f in faulty)}
+        print(task, flagged_counts[task], flush=True)
+        # flagged faulty steps in a random order (problems from every seed and n), so --max-faulty samples them all
+        order = np.random.default_rng(args.seed).permutation(len(records))
+        res = run_experiment(att, None, [records[i] for i in order], cfg, scores=scores)
+        results[task] = res[task]
+        results["settings"] = res["settings"]
     seconds = time.time() - start
     write_results(results, args.run_dir, command)
     print(markdown(results))
     out: dict = {}
     for task in ("arith", "bool"):
-        r = results.get(task)
-        if r is None:
-            out[task] = {"flagged_faulty": 0, "targeted_fix_rate": None, "random_fix_rate": None, "harm_rate": None}
-            continue
-        out[task] = {k: r[k] for k in ("flagged_faulty", "targeted_fix_rate", "random_fix_rate", "harm_rate", "faulty_steps",
-                                       "reproduced", "harm_steps", "harm_rate_flagged", "harm_steps_flagged",
-                                       "arms", "harm_by_arm")}
-    out["settings"] = {**results["settings"], "arith_count_per_n": args.count, "bool_count": args.bool_count, "problem_seed": args.seed,
-                       "classifier": str(args.classifier.relative_to(Path.cwd()) if args.classifier.is_relative_to(Path.cwd()) else args.classifier), "max_feature_nodes": cap, "threads": args.threads, "seconds": round(seconds)}
+        r = results[task]
+        out[task] = {k: v for k, v in r.items() if not k.startswith("_")}
+        out[task]["flagged_out_of_fold"] = flagged_counts[task]
+    out["settings"] = {**results["settings"], "seeds": args.seeds, "max_feature_nodes": args.max_feature_nodes,
+                       "flags": "out of fold (5 folds over problems, CRV classifier at the shipped verifier's settings)",
+                       "threads": args.threads, "seconds": round(seconds)}
     out["command"] = command
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "interventions.json").write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {RESULTS / 'interventions.json'} ({seconds:.0f} s)")
+    tmp = args.out.with_name(f".{args.out.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(out, indent=1, default=float) + "\n")
+    os.replace(tmp, args.out)
+    print(f"wrote {args.out} ({seconds:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -642,8 +642,8 @@ def intervene_cmd(
     transcoders: Optional[Path] = typer.Option(None, help="Transcoder directory (default: the shipped set)."),
     max_feature_nodes: Optional[int] = typer.Option(None, help="Feature-node cap of the graphs (default: the verifier's training setting)."),
     k: int = typer.Option(3, help="Features edited per arm."),
-    factor: float = typer.Option(3.0, help="Scale of the amplify arms."),
-    positions: str = typer.Option("suspect", help="Edit at the suspect position (suspect), the step's tokens (step) or every position from the step on (from_step)."),
+    factor: float = typer.Option(0.0, help="The edit: the chosen features' activations at the suspect position times this (0: clamp)."),
+    rule: str = typer.Option("logit", help="Primary selection rule: logit, fingerprint or anomalous (all three are compared)."),
     locate: str = typer.Option("uncertain", help="Suspect position: uncertain (no labels) or oracle (first wrong character)."),
     threshold: float = typer.Option(0.5, help="p_faulty at or above which the verifier flags a step."),
     max_faulty: Optional[int] = typer.Option(None, help="Flagged faulty steps to try per task (default: all)."),
@@ -651,7 +651,8 @@ def intervene_cmd(
     seed: int = typer.Option(0),
     threads: int = THREADS_OPTION,
 ) -> None:
-    """Correct flagged faulty steps by editing the features their graph rests on, against random-feature controls."""
+    """Correct flagged faulty steps by editing the features a rule selects, against matched controls (dose-response,
+    three selection rules, harm on correct steps, problem-bootstrap intervals)."""
     _set_threads(threads)
 
     from crv.attribution.engine import AttributionConfig
@@ -660,7 +661,7 @@ def intervene_cmd(
     from crv.tasks.schema import read_records
 
     try:
-        cfg = InterventionConfig(k=k, factor=factor, positions=positions, locate=locate, threshold=threshold,
+        cfg = InterventionConfig(k=k, factor=factor, rule=rule, locate=locate, threshold=threshold,
                                  max_faulty=max_faulty, harm_steps=harm_steps, seed=seed)
         clf = StepClassifier.load(classifier or DEFAULT_CLASSIFIER)
     except (ValueError, FileNotFoundError) as e:
@@ -673,7 +674,7 @@ def intervene_cmd(
     files = write_results(results, run_dir, "crv " + " ".join(sys.argv[1:]))
     typer.echo("\n" + markdown(results))
     for t in results.values():
-        for ex in (t["examples"][:1] if isinstance(t, dict) and "arms" in t else []):
+        for ex in (t["examples"][:1] if isinstance(t, dict) and "dose_response" in t else []):
             typer.echo("\n" + format_example(ex))
     typer.echo("\nwrote " + ", ".join(str(f) for f in files.values()))
 
@@ -814,7 +815,8 @@ def demo_cmd(
     cap = clf.graph_settings()["max_feature_nodes"]
     iatt = dataclasses.replace(att, config=AttributionConfig(max_feature_nodes=cap))
     arith = [r for r in records if r.task == "arith"]
-    inter = run_experiment(iatt, clf, arith, InterventionConfig(max_faulty=interventions, harm_steps=interventions))
+    inter = run_experiment(iatt, clf, arith, InterventionConfig(max_faulty=interventions, harm_steps=interventions,
+                                                                doses=(0.0, -1.0)))
     files = write_results(inter, out_dir / "interventions", "crv demo " + " ".join(sys.argv[2:]))
     typer.echo(f"\nInterventions on up to {interventions} flagged faulty arithmetic steps (percent):\n")
     typer.echo(markdown(inter))

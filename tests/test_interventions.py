@@ -13,7 +13,9 @@ from crv.classify.model import StepClassifier
 from crv.cli import app
 from crv.fingerprint.features import fingerprint
 from crv.interventions import EditWindow, FeatureEdit, feature_patch, intervene, regenerate
-from crv.interventions.experiment import InterventionConfig, run_experiment, write_results
+from crv.interventions.controls import ActiveFeature, match_control, total_size
+from crv.interventions.experiment import InterventionConfig, run_experiment, summarize, write_results
+from crv.interventions.rules import active_at, select
 from crv.interventions.select import candidates, logit_effects, wrong_result_offset
 from crv.lm.encode import encode_text
 from crv.reasoner.generate import generate_records
@@ -107,8 +109,10 @@ def test_invalid_requests_get_clear_errors(att):
         intervene(att.model, att.encoder, att.transcoders, rec, 1, [(0, 1)], positions=2)
     with pytest.raises(ValueError, match="unknown positions"):
         intervene(att.model, att.encoder, att.transcoders, rec, 1, [(0, 1)], positions="everywhere")
-    with pytest.raises(ValueError, match="unknown positions"):
-        InterventionConfig(positions="everywhere")
+    with pytest.raises(ValueError, match="unknown selection rule"):
+        InterventionConfig(rule="everywhere")
+    with pytest.raises(ValueError, match="must be among rules"):
+        InterventionConfig(rule="anomalous", rules=("logit",))
 
 
 def test_candidates_follow_the_graph(att):
@@ -123,46 +127,62 @@ def test_candidates_follow_the_graph(att):
     assert cands and all(a.effect >= b.effect for a, b in zip(cands, cands[1:]))
 
 
-@pytest.mark.slow
-def test_experiment_table_with_controls(att, tmp_path):
-    # the reasoner's own mistakes (n = 10: about a quarter of the traces have one) and a verifier trained in the test
-    recs = generate_records(att.model, att.encoder, generate_problems("arith", 10, 8, seed=100), progress=False)
-    n_faulty = sum(r.labels[-1] == 0 for r in recs)
-    assert 2 <= n_faulty < len(recs)
-    from crv.attribution.attributor import step_position
 
-    rows = []
-    for r in recs:
-        tr, enc = att.trace_record(r)
-        for k in range(len(r.steps)):
-            rows.append({**fingerprint(tr.graph(pos=step_position(enc, k, "last"))), "faulty": int(r.labels[k] == 0)})
-    table = pd.DataFrame(rows)
-    clf = StepClassifier().fit(table.drop(columns="faulty"), table["faulty"].to_numpy())
-    cfg = InterventionConfig(k=2, threshold=0.0, harm_steps=2, seed=0)
-    res = run_experiment(att, clf, recs, cfg, progress=False)
-    a = res["arith"]
-    assert a["faulty_steps"] == n_faulty and a["flagged_faulty"] == n_faulty and a["harm_steps"] <= 2
-    assert a["reproduced"] >= 1  # the unedited regeneration repeats the model's own mistake
-    rep = [r for r in a["_rows"] if r["reproduced"]]  # the rates are over the rows whose fault was reproduced
-    assert a["reproduced"] == len(rep) >= 1
-    for key, arms in (("targeted_fix_rate", ("targeted_suppress", "targeted_amplify")),
-                      ("random_fix_rate", ("random_suppress", "random_amplify"))):
-        fixed = [any(r.get(f"{arm}.solved", False) for arm in arms) for r in rep]
-        assert a[key] == pytest.approx(sum(fixed) / len(fixed))
-    assert set(a["arms"]) == {"targeted_suppress", "targeted_amplify", "random_suppress", "random_amplify"}
-    assert a["harm_steps_flagged"] <= a["harm_steps"]  # threshold 0: every correct step is flagged
-    assert a["harm_steps_flagged"] == a["harm_steps"]
-    files = write_results(res, tmp_path, "test")
-    out = json.loads(files["json"].read_text())
-    assert len(out["rows"]["arith"]["faulty"]) == n_faulty
-    assert "random fix" in files["md"].read_text()
-    # CLI: the same experiment from a JSONL file and a saved classifier
-    write_records(recs, tmp_path / "recs.jsonl")
-    clf.save(tmp_path / "clf")
-    result = CliRunner().invoke(app, ["intervene", "--data", str(tmp_path / "recs.jsonl"), "--classifier", str(tmp_path / "clf"),
-                                      "--run-dir", str(tmp_path / "run"), "--k", "2", "--threshold", "0", "--harm-steps", "1",
-                                      "--max-feature-nodes", "128", "--max-faulty", "2"])
-    assert result.exit_code == 0, result.output
-    assert json.loads((tmp_path / "run" / "interventions.json").read_text())["arith"]["flagged_faulty"] == 2
-    bad = CliRunner().invoke(app, ["intervene", "--data", str(tmp_path / "recs.jsonl"), "--classifier", str(tmp_path / "nope")])
-    assert bad.exit_code != 0 and "classifier file not found" in bad.output
+
+def test_matched_controls_share_layer_position_count_and_edit_size(att):
+    """On a real step: a control set has the targeted set's layers, position and count, is disjoint from it, and its
+    total edit size (sum of activation x decoder-row norm) is within 10% -- a random same-layer draw is not."""
+    import numpy as np
+
+    rec = faulty_record()
+    tr, enc = att.trace_record(rec)
+    rng = np.random.default_rng(0)
+    checked = loose_misses = 0
+    for pos in range(enc.spans[1][0] - 1, enc.last(1) + 1):  # every position of step 1
+        active = active_at(att, tr, pos)
+        g = tr.graph(pos=pos)
+        for rule in ("logit", "fingerprint"):
+            tgt = select(rule, g, pos, active, 3)
+            ctl = match_control(tgt, active, rng, 0.10)
+            if ctl is None:
+                continue
+            assert sorted(t.layer for t in tgt) == sorted(c.layer for c in ctl) and len(ctl) == len(tgt)
+            assert not {(t.layer, t.feature) for t in tgt} & {(c.layer, c.feature) for c in ctl}
+            assert all(c in active for c in ctl)  # active at the same position, with their activation there
+            assert abs(total_size(ctl) - total_size(tgt)) <= 0.10 * total_size(tgt)
+            checked += 1
+            # a loose control (another active feature of the same layer, drawn at random) misses the size
+            loose = [rng.choice([a for a in active if a.layer == t.layer and a not in tgt]) for t in tgt]
+            loose_misses += abs(total_size(loose) - total_size(tgt)) > 0.10 * total_size(tgt)
+    assert checked >= 10 and loose_misses >= checked // 2
+    # unmatched when a layer has no other active feature, or no draw within the tolerance
+    lone = [ActiveFeature(0, 1, 2.0, 1.0)]
+    assert match_control(lone, lone, rng) is None
+    assert match_control(lone, lone + [ActiveFeature(0, 2, 9.0, 1.0)], rng) is None
+    assert match_control(lone, lone + [ActiveFeature(0, 2, 2.1, 1.0)], rng) == [ActiveFeature(0, 2, 2.1, 1.0)]
+
+
+def test_self_correcting_traces_are_not_answer_fixes():
+    """Answer fixes count only where the unedited regeneration\'s answer was wrong; steps whose fault is not
+    reproduced never count; an unmatched control is left out of the control rate and of the difference."""
+    base = {"reproduced": True, "none.step": False, "logit.n": 3, "logit.matched": True}
+    k_t, k_c = "logit.targeted@0", "logit.control@0"
+    rows = [
+        {**base, "problem_id": "a", "none.solved": False, f"{k_t}.step": True, f"{k_t}.solved": True,
+         f"{k_c}.step": False, f"{k_c}.solved": False},
+        # self-correcting: the unedited regeneration repeats the fault but reaches the right answer anyway
+        {**base, "problem_id": "b", "none.solved": True, f"{k_t}.step": True, f"{k_t}.solved": True,
+         f"{k_c}.step": True, f"{k_c}.solved": True},
+        # not reproduced: the unedited regeneration writes the step right; never counted
+        {**base, "problem_id": "c", "reproduced": False, "none.step": True, "none.solved": True, f"{k_t}.step": True,
+         f"{k_t}.solved": True, f"{k_c}.step": True, f"{k_c}.solved": True},
+        # control unmatched
+        {**base, "problem_id": "d", "none.solved": False, "logit.matched": False, f"{k_t}.step": False, f"{k_t}.solved": False},
+    ]
+    cfg = InterventionConfig(rules=("logit",), doses=(0.0,), bootstrap=50)
+    s = summarize([None] * 4, rows, [], [], cfg)
+    assert s["reproduced"] == 3
+    assert s["targeted_fix_rate"] == pytest.approx(1 / 2)  # rows a and d; b corrects itself, c is not reproduced
+    assert s["random_fix_rate"] == 0.0  # row a only (d unmatched)
+    assert s["ci"]["answer_fix"]["difference"]["value"] == 1.0 and s["ci"]["answer_fix"]["difference"]["n"] == 1
+    assert s["ci"]["step_fix"]["targeted"]["value"] == pytest.approx(2 / 3, abs=1e-3) and s["ci"]["unmatched"] == 1

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from crv.attribution.attributor import Attributor, step_position
@@ -103,22 +102,6 @@ def candidates(graph: Graph, first_position: int, token: int | None = None, cont
         if pos >= first_position:
             agg[(layer, feat)] = agg.get((layer, feat), 0.0) + e
     return [Candidate(l, f, e) for (l, f), e in sorted(agg.items(), key=lambda kv: -kv[1])]
-
-
-def random_like(chosen: list[Candidate], active: list[tuple[int, int]], rng: np.random.Generator) -> list[Candidate]:
-    """A control set: for each chosen feature, a random other active (layer, feature) of the same layer."""
-    taken = {(c.layer, c.feature) for c in chosen}
-    pool: dict[int, list[int]] = {}
-    for l, f in sorted(set(active) - taken):
-        pool.setdefault(l, []).append(f)
-    out = []
-    for c in chosen:
-        options = pool.get(c.layer, [])
-        if not options:
-            continue
-        f = options.pop(int(rng.integers(len(options))))
-        out.append(Candidate(c.layer, f, float("nan")))
-    return out
 
 
 @dataclass
