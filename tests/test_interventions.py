@@ -186,3 +186,4 @@ def test_self_correcting_traces_are_not_answer_fixes():
     assert s["random_fix_rate"] == 0.0  # row a only (d unmatched)
     assert s["ci"]["answer_fix"]["difference"]["value"] == 1.0 and s["ci"]["answer_fix"]["difference"]["n"] == 1
     assert s["ci"]["step_fix"]["targeted"]["value"] == pytest.approx(2 / 3, abs=1e-3) and s["ci"]["unmatched"] == 1
+

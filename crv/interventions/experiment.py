@@ -149,9 +149,9 @@ def _col(rows: list[dict], key: str, where: Sequence[bool] | None = None) -> np.
 def _fix_rates(rows: list[dict], rule: str, factor: float, B: int, rng: np.random.Generator) -> dict:
     """Step and answer fix rates of both arms, and the paired targeted - control differences (with intervals)."""
     groups = np.array([r["problem_id"] for r in rows])
-    rep = np.array([bool(r["reproduced"]) for r in rows])
-    answer_open = rep & np.array([not r["none.solved"] for r in rows])  # self-correcting traces are left out
-    matched = np.array([bool(r.get(f"{rule}.matched")) for r in rows])
+    rep = np.array([bool(r["reproduced"]) for r in rows], dtype=bool)
+    answer_open = rep & np.array([not r["none.solved"] for r in rows], dtype=bool)  # self-correcting traces are left out
+    matched = np.array([bool(r.get(f"{rule}.matched")) for r in rows], dtype=bool)
     out: dict = {}
     for what, base in (("step_fix", rep), ("answer_fix", answer_open)):
         suffix = ".step" if what == "step_fix" else ".solved"
@@ -168,8 +168,8 @@ def _harm(rows: list[dict], rule: str, factor: float, B: int, rng: np.random.Gen
     if not rows:
         return {"targeted": {"value": None, "ci": None, "n": 0}, "control": {"value": None, "ci": None, "n": 0}}
     groups = np.array([r["problem_id"] for r in rows])
-    kept = np.array([bool(r["none.step"]) for r in rows])
-    matched = np.array([bool(r.get(f"{rule}.matched")) for r in rows])
+    kept = np.array([bool(r["none.step"]) for r in rows], dtype=bool)
+    matched = np.array([bool(r.get(f"{rule}.matched")) for r in rows], dtype=bool)
     broke = lambda arm, where: np.where(where, 1.0 - _col(rows, _key(rule, arm, factor) + ".step"), np.nan)  # noqa: E731
     return {"targeted": _boot(broke("targeted", kept), groups, B, rng), "control": _boot(broke("control", kept & matched), groups, B, rng)}
 
