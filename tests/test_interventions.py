@@ -1,27 +1,19 @@
 """Feature interventions on the shipped reasoner: exact edits, no leaked hooks, the experiment with controls."""
 
-import json
 
-import pandas as pd
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from crv.attribution.attributor import Attributor
 from crv.attribution.engine import AttributionConfig
-from crv.classify.model import StepClassifier
-from crv.cli import app
-from crv.fingerprint.features import fingerprint
 from crv.interventions import EditWindow, FeatureEdit, feature_patch, intervene, regenerate
 from crv.interventions.controls import ActiveFeature, match_control, total_size
-from crv.interventions.experiment import InterventionConfig, run_experiment, summarize, write_results
+from crv.interventions.experiment import InterventionConfig, summarize
 from crv.interventions.rules import active_at, select
 from crv.interventions.select import candidates, logit_effects, wrong_result_offset
 from crv.lm.encode import encode_text
-from crv.reasoner.generate import generate_records
 from crv.tasks.cot import generate_problems
 from crv.tasks.label import label_output
-from crv.tasks.schema import write_records
 
 
 @pytest.fixture(scope="module")
