@@ -66,6 +66,10 @@ def test_evaluate_end_to_end(tmp_path):
         assert set(out[task]["ms_per_step"]) == {"crv", "prm_finetuned", "prm_frozen"}
         assert all(v > 0 for v in out[task]["ms_per_step"].values())
         assert set(out[task]["ablation_auroc"]) == {"without_global", "without_node", "without_topology"}
+        fe = out[task]["first_error"]  # ProcessBench-style localisation for every method
+        assert set(fe) == set(methods) and all(0 <= v["f1"] <= 1 and len(v["thresholds"]) == out[task]["folds"] for v in fe.values())
+        assert fe["crv"]["traces_erroneous"] + fe["crv"]["traces_correct"] == out[task]["n_problems"]
+    assert "First-error localisation" in (run_dir / "report.md").read_text()
     assert set(out["transfer"]) == {"arith->bool", "bool->arith"}
     html = (run_dir / "report.html").read_text()
     assert html.count("data:image/png;base64") == 2 and "bootstrap over problems" in html

@@ -120,6 +120,14 @@ def markdown_table(results: dict) -> str:
         ab = results[t]["ablation_auroc"]
         lines.append(f"Leave-one-family-out ({t}, CRV AUROC): " + ", ".join(f"{k} {100 * v:.1f}" for k, v in ab.items()))
     for t in tasks:
+        fe = results[t].get("first_error")
+        if fe:
+            lines += ["", f"First-error localisation ({t}, ProcessBench's convention; threshold chosen on the other folds):", "",
+                      "| method | on traces with an error | on error-free traces | F1 [95% CI] |", "|---|---|---|---|"]
+            for m, v in sorted(fe.items(), key=lambda kv: -kv[1]["f1"]):
+                lines.append(f"| {m} | {_pct(v['acc_erroneous'])} | {_pct(v['acc_correct'])} | {_pct(v['f1'])} {_ci(v['f1_ci'])} |")
+            lines.append("")
+    for t in tasks:
         cost = results[t].get("ms_per_step", {})
         if cost:
             lines.append(f"Cost per step ({t}, ms, this machine): " + ", ".join(f"{k} {v:.1f}" for k, v in cost.items()))

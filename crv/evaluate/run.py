@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from crv.classify.metrics import aupr, auroc, fpr_at_95
+from crv.evaluate.localize import first_error_localisation, traces_of
 from crv.evaluate.crossfit import Scheme, make_scheme, merge_chosen, score_scheme
 from crv.evaluate.intervals import ProblemBootstrap
 from crv.evaluate.methods import BLACK_BOX, EvalConfig, TextInputs, fit_crv
@@ -82,6 +83,11 @@ def evaluate_task(table: pd.DataFrame, cfg: EvalConfig, text: TextInputs | None 
         order = np.concatenate([te for _, te in scheme.fits])
         ablation[f"without_{family}"] = auroc(table["faulty"].to_numpy()[order], s)
     ms = [c.pop("ms_per_step", {}) for c in chosen]
+    first_error = None
+    if scheme.kind == "out_of_fold":  # thresholds are chosen on the other folds
+        fold_of = {str(p): i for i, (_, te) in enumerate(scheme.fits) for p in table.iloc[te]["problem_id"].unique()}
+        first_error = {name: first_error_localisation(traces_of(scored, s), fold_of, cfg.n_boot, cfg.seed)
+                       for name, s in scores.items()}
     return {
         "n_steps": int(len(table)),
         "n_faulty": int(table["faulty"].sum()),
@@ -97,6 +103,7 @@ def evaluate_task(table: pd.DataFrame, cfg: EvalConfig, text: TextInputs | None 
         "crv_plus_confidence_vs_best_confidence": vs_confidence,
         "per_n": per_n(scored, scores, cfg),
         "ablation_auroc": ablation,
+        "first_error": first_error,
         "chosen_on_train": merge_chosen(chosen),
         "ms_per_step": {k: float(np.mean([m[k] for m in ms if k in m])) for k in dict.fromkeys(k for m in ms for k in m)},
         "_curves": {"y": y, "scores": scores, "problems": problems},
