@@ -13,7 +13,7 @@ from crv.evaluate.methods import EvalConfig, TextInputs
 from crv.evaluate.report import markdown_table, write_report
 from crv.evaluate.run import evaluate_table, save_step_table
 from crv.extract.steps import column_groups, time_crv
-from crv.extract import LocalExecutor, RayExecutor, archive_fingerprints, build_step_table
+from crv.extract import Executor, archive_fingerprints, build_step_table
 from crv.tasks.schema import Record
 
 
@@ -29,7 +29,7 @@ def run_evaluation(
     extra_targets: tuple[str, ...] = (),
     table: pd.DataFrame | None = None,
     cost_sample: int = 8,
-    executor: LocalExecutor | RayExecutor | None = None,
+    executor: Executor | None = None,
     archive: str | Path | None = None,
 ) -> dict:
     """Evaluate CRV and the baselines on ``records``; writes the step table, report files and classifiers.

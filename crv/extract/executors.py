@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from tqdm.auto import tqdm
 
@@ -43,6 +44,13 @@ def compute_entry(att: Attributor, record: Record, spec: ExtractSpec, fingerprin
 
 
 OnResult = Callable[[int, Entry], None]
+
+
+class Executor(Protocol):
+    """Where traces are computed: ``run`` calls ``on_result(index, entry)`` in the driver for each of ``indices``."""
+
+    def run(self, att: Attributor, spec: ExtractSpec, records: Sequence[Record], indices: Sequence[int],
+            on_result: OnResult) -> None: ...
 
 
 class LocalExecutor:

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from crv.attribution.attributor import Attributor
 
 from crv.extract.archive import FingerprintArchive
-from crv.extract.executors import ExtractSpec, LocalExecutor, RayExecutor, compute_entry
+from crv.extract.executors import Executor, ExtractSpec, LocalExecutor, compute_entry
 from crv.extract.store import Entry, TraceStore, trace_key
 from crv.tasks.schema import Record
 
@@ -35,7 +35,7 @@ def trace_keys(att: Attributor, records: Iterable[Record], target: str = "last",
 
 def build_step_table(att: Attributor, records: Iterable[Record], graph_dir: str | Path | None = None,
                      progress: bool = True, target: str = "last", extra_targets: tuple[str, ...] = (),
-                     executor: LocalExecutor | RayExecutor | None = None,
+                     executor: Executor | None = None,
                      archive: str | Path | FingerprintArchive | None = None) -> pd.DataFrame:
     """The step table of a labelled dataset (columns: :mod:`crv.extract.steps`), in record order.
 
