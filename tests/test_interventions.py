@@ -8,10 +8,11 @@ from crv.attribution.attributor import Attributor
 from crv.attribution.engine import AttributionConfig
 from crv.interventions import EditWindow, FeatureEdit, feature_patch, intervene, regenerate
 from crv.interventions.controls import ActiveFeature, match_control, total_size
-from crv.interventions.experiment import InterventionConfig, summarize
+from crv.interventions.experiment import InterventionConfig, run_experiment, summarize
 from crv.interventions.rules import active_at, select
 from crv.interventions.select import candidates, logit_effects, wrong_result_offset
 from crv.lm.encode import encode_text
+from crv.reasoner.generate import generate_records
 from crv.tasks.cot import generate_problems
 from crv.tasks.label import label_output
 
@@ -179,3 +180,75 @@ def test_self_correcting_traces_are_not_answer_fixes():
     assert s["ci"]["answer_fix"]["difference"]["value"] == 1.0 and s["ci"]["answer_fix"]["difference"]["n"] == 1
     assert s["ci"]["step_fix"]["targeted"]["value"] == pytest.approx(2 / 3, abs=1e-3) and s["ci"]["unmatched"] == 1
 
+
+
+def planted_attributor(tmp_path, layer: int = 0, feature: int = 629, scale: float = 10.0, norm: float = 10.0,
+                       decoys: int = 4):
+    """The shipped reasoner with a planted error. Feature L0:629 of the shipped set fires on "=" (97% of its
+    activation), where a result's first digit is predicted; it is made to fire ``scale`` times harder and to write,
+    at a result's "=" (not the " =" of "=>"), the direction that raises token "9"'s logit alone (through the final
+    norm's gain; decoder norm ``norm``) into the model's MLP output: results come out with a wrong 9. Layer 0, so
+    that no feature upstream of it shares its effect. ``decoys`` other features get the same encoder (they fire
+    exactly as hard) and decoder rows of the same norm in the null space of the unembedding: same layer, position
+    and edit size, so each is a matched control, and not a cause of the error."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from crv.transcoders.io import DEFAULT_TRANSCODER_DIR, load_transcoders
+
+    att = Attributor.load(config=AttributionConfig(max_feature_nodes=256))
+    model, F = att.model, feature
+    out = tmp_path / "planted-set"
+    out.mkdir()
+    for p in DEFAULT_TRANSCODER_DIR.iterdir():
+        if p.is_file():
+            shutil.copy(p, out / p.name)
+    path = sorted(out.glob("*.safetensors"))[layer]
+    t = {k: v.clone() for k, v in load_file(str(path)).items()}
+    WUg = (model.lm_head.weight * model.model.norm.weight).detach().float()  # [V, d]: what the final logits read
+    nine = att.tokenizer.convert_tokens_to_ids("9")
+    v = torch.linalg.pinv(WUg) @ torch.nn.functional.one_hot(torch.tensor(nine), WUg.shape[0]).float()
+    null = torch.linalg.svd(WUg, full_matrices=True).Vh[WUg.shape[0]:]  # directions no logit reads
+    enc, b = (t["W_enc"][F].float() * scale).to(t["W_enc"].dtype), t["b_enc"][F] * scale
+    decoy_ids = list(range(1000, 1000 + decoys))
+    t["W_enc"][F], t["b_enc"][F], t["W_dec"][F] = enc, b, (norm * v / v.norm()).to(t["W_dec"].dtype)
+    for j, d in zip(decoy_ids, null):
+        t["W_enc"][j], t["b_enc"][j], t["W_dec"][j] = enc, b, (norm * d / d.norm()).to(t["W_dec"].dtype)
+    save_file(t, str(path))
+    ts = load_transcoders(out, model=model)
+    tc, dec = ts[layer], ts[layer].decoder_rows(torch.tensor([F])).float()[0]
+    eq, space = att.tokenizer.convert_tokens_to_ids("="), att.tokenizer.convert_tokens_to_ids(" ")
+    nine_t = att.tokenizer.convert_tokens_to_ids("9")
+    state: dict = {}
+
+    def read_ids(module, args):  # a result's "=" (not the " =" of "=>", nor one after a 9), also under a KV cache
+        ids = args[0]
+        last = state.get("last")
+        first = last if last is not None and last.shape[0] == ids.shape[0] else torch.full_like(ids[:, :1], space)
+        prev = torch.cat([first, ids[:, :-1]], 1)
+        state["gate"], state["last"] = ((ids == eq) & (prev != space) & (prev != nine_t)).unsqueeze(-1), ids[:, -1:]
+
+    def planted(module, args, output):  # the model itself computes the planted feature's contribution there
+        return output + state["gate"] * tc.encode(args[0])[..., F].unsqueeze(-1) * dec
+
+    model.model.embed_tokens.register_forward_pre_hook(read_ids)
+    model.model.layers[layer].mlp.register_forward_hook(planted)
+    return Attributor(model, att.tokenizer, ts, att.config, encoder=att.encoder), (layer, F), decoy_ids
+
+
+@pytest.mark.slow
+def test_planted_error_is_fixed_by_the_targeted_edit_and_not_by_matched_controls(tmp_path):
+    att, (L, F), decoys = planted_attributor(tmp_path)
+    recs = generate_records(att.model, att.encoder, generate_problems("arith", 3, 12, seed=11), progress=False)
+    faulty = [r for r in recs if r.labels[-1] == 0]
+    assert len(faulty) >= 6, "the planted feature makes the model miscompute"
+    scores = {(r.problem_id, len(r.steps) - 1): 1.0 for r in faulty}  # every faulty step flagged
+    cfg = InterventionConfig(k=1, rules=("logit",), doses=(0.0,), locate="oracle", harm_steps=0, bootstrap=100)
+    res = run_experiment(att, None, recs, cfg, progress=False, scores=scores)["arith"]
+    rows = [r for r in res["_rows"] if r["reproduced"]]
+    assert len(rows) >= 6
+    assert sum(r["logit.matched"] for r in rows) >= 0.8 * len(rows), "where the planted feature is edited, a decoy matches it"
+    fixed = res["ci"]["step_fix"]
+    assert fixed["targeted"]["value"] >= 0.75 and fixed["control"]["value"] == 0.0
+    assert fixed["difference"]["ci"][0] > 0

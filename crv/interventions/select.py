@@ -41,7 +41,7 @@ def wrong_result_offset(step: str, dialect: str) -> int | None:
     op_text = step.split(STATE_SEP, 1)[0]
     if "=" not in op_text:
         return None
-    lhs, rhs = op_text.rsplit("=", 1)
+    lhs, rhs = op_text.split("=", 1)  # an operation has no "=": the result is all that follows the first one
     try:
         correct = fmt_value(evaluate(parse(lhs, dialect)))  # type: ignore[arg-type]
     except (ParseError, RecursionError, ZeroDivisionError):
