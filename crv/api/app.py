@@ -20,11 +20,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 
 from fastapi import FastAPI, HTTPException, Request
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
@@ -289,8 +290,9 @@ def create_app(verifier: Verifier, settings: ServiceSettings = ServiceSettings()
         return VerifyResponse(steps=out, model=verifier.att.model_id, classifier=verifier.classifier_id,
                               elapsed_ms=1000 * (time.perf_counter() - start))
 
-    @app.get("/v1/features/{layer}/{index}")
-    async def feature_card(layer: int, index: int) -> dict:
+    @app.get("/v1/features/{layer}/{index}", responses={404: {"description": "no such feature in the set, or no "
+                                                                                  "descriptions beside it (the message says which)"}})
+    async def feature_card(layer: Annotated[int, PathParam(examples=[0])], index: Annotated[int, PathParam(examples=[12])]) -> dict:
         """One feature's card: activation examples, WeightLens input/output tokens, CircuitLens upstream."""
         if verifier.features is None:
             raise HTTPException(404, "no feature descriptions beside this transcoder set: write them with "
