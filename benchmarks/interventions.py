@@ -15,6 +15,7 @@ intervals from a bootstrap over problems. The full run (per-step rows, worked ca
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shlex
@@ -95,10 +96,21 @@ def main() -> None:
         flagged_counts[task] = {"faulty": len(faulty), "flagged": sum(scores.get(f, 0) >= args.threshold for f in faulty)}
         print(task, flagged_counts[task], flush=True)
         # flagged faulty steps in a random order (problems from every seed and n), so --max-faulty samples them all
+        done = args.run_dir / f"{task}.done.json"  # a finished task is kept: a rerun does the other one only
+        settings = {"config": dataclasses.asdict(cfg), "seeds": args.seeds, "max_feature_nodes": args.max_feature_nodes}
+        if done.is_file() and json.loads(done.read_text()).get("settings") == settings:
+            results[task] = json.loads(done.read_text())["result"]
+            results["settings"] = dataclasses.asdict(cfg)
+            print(f"{task}: kept from {done}", flush=True)
+            continue
         order = np.random.default_rng(args.seed).permutation(len(records))
         res = run_experiment(att, None, [records[i] for i in order], cfg, scores=scores)
         results[task] = res[task]
         results["settings"] = res["settings"]
+        args.run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = done.with_name(f".{done.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"settings": settings, "result": res[task]}, default=float) + "\n")
+        os.replace(tmp, done)
     seconds = time.time() - start
     write_results(results, args.run_dir, command)
     print(markdown(results))
