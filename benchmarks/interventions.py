@@ -97,7 +97,8 @@ def main() -> None:
         print(task, flagged_counts[task], flush=True)
         # flagged faulty steps in a random order (problems from every seed and n), so --max-faulty samples them all
         done = args.run_dir / f"{task}.done.json"  # a finished task is kept: a rerun does the other one only
-        settings = {"config": dataclasses.asdict(cfg), "seeds": args.seeds, "max_feature_nodes": args.max_feature_nodes}
+        settings = json.loads(json.dumps({"config": dataclasses.asdict(cfg), "seeds": args.seeds,
+                                          "max_feature_nodes": args.max_feature_nodes}))  # as read back
         if done.is_file() and json.loads(done.read_text()).get("settings") == settings:
             results[task] = json.loads(done.read_text())["result"]
             results["settings"] = dataclasses.asdict(cfg)
