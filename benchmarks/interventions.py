@@ -31,7 +31,6 @@ from crv.attribution.attributor import Attributor
 from crv.attribution.engine import AttributionConfig
 from crv.classify.model import StepClassifier
 from crv.extract import FingerprintArchive, trace_keys
-from crv.extract.archive import fingerprint_columns  # noqa: F401  (documents where the columns come from)
 from crv.interventions.experiment import InterventionConfig, markdown, run_experiment, write_results
 from crv.tasks.schema import read_records
 

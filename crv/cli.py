@@ -416,13 +416,13 @@ def attribute_cmd(
                       prompt_format, device, dtype, k)
     ct_kwargs: dict = {}
     if export_circuit_tracer:  # feature descriptions travel with the export where the set has some
-        from crv.features.store import FeatureStore, FeatureStoreError
+        from crv.features.store import FeatureStore
 
-        try:
-            store = FeatureStore.beside(att.transcoder_dir)
-            ct_kwargs = {"describe": lambda l, f: store.card(l, f).description,
+        store = FeatureStore.find(att.transcoder_dir)
+        if store is not None:
+            ct_kwargs = {"describe": store.description,
                          "feature_file": lambda l, f, i: store.card(l, f).circuit_tracer_json(att.transcoders.checksum(), i)}
-        except FeatureStoreError:
+        else:
             typer.echo("no feature descriptions beside the transcoder set (`crv describe-features` writes them): "
                        "the export's feature nodes carry no examples", err=True)
     n, skipped = 0, []

@@ -31,7 +31,7 @@ def describe(verifier: Verifier, features: list[tuple[int, int]]) -> list[str | 
     out: list[str | None] = []
     for layer, index in features:
         try:
-            out.append(store.card(layer, index).description if store is not None else None)
+            out.append(store.description(layer, index) if store is not None else None)
         except IndexError:
             out.append(None)
     return out

@@ -67,16 +67,11 @@ class Verifier:
 
     def __init__(self, att: Attributor, classifier: StepClassifier, threshold: float = 0.5, target: str = "last",
                  top_k: int = 10, classifier_id: str = "") -> None:
-        from crv.features.store import FeatureStore, FeatureStoreError
+        from crv.features.store import FeatureStore
 
         self.att, self.classifier, self.threshold, self.target, self.top_k = att, classifier, threshold, target, top_k
         self.classifier_id = classifier_id
-        self.features: FeatureStore | None = None  # the descriptions beside the transcoder set, where there are some
-        if att.transcoder_dir is not None:
-            try:
-                self.features = FeatureStore.beside(att.transcoder_dir)
-            except FeatureStoreError:
-                pass
+        self.features = FeatureStore.find(att.transcoder_dir)  # the descriptions beside the set, if any
 
     @classmethod
     def load(cls, model_dir: str | Path | None = None, transcoder_dir: str | Path | None = None,
@@ -161,5 +156,5 @@ class Verifier:
         for v, pk in zip(out, p):
             v.p_faulty, v.flagged = float(pk), bool(pk >= self.threshold)
             if v.flagged and self.features is not None:
-                v.descriptions = [self.features.card(l, f).description for l, _, f, _ in v.top_features[: self.DESCRIBED]]
+                v.descriptions = [self.features.description(l, f) for l, _, f, _ in v.top_features[: self.DESCRIBED]]
         return out

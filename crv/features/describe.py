@@ -181,8 +181,7 @@ def describe_features(att: Attributor, corpus: Corpus, cfg: DescribeConfig = Des
                       ) -> tuple[dict[str, torch.Tensor], dict]:
     """Every layer's description arrays (``"{layer}.{name}"``, ``[F, ...]``) and the store's index (settings, counts)."""
     t0 = time.time()
-    L = att.transcoders.shape.n_layers if hasattr(att.transcoders, "shape") else len(att.transcoders)
-    F = att.transcoders[0].b_enc.shape[0]
+    L, F = att.transcoders.shape.n_layers, att.transcoders.shape.d_transcoder
     gen = torch.Generator().manual_seed(cfg.seed)
     acc = _Pass([], [], [], [], [], [], [], [], [])
     sampled = torch.zeros(L * F, dtype=torch.long)

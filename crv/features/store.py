@@ -71,11 +71,29 @@ class FeatureStore:
         self.vocab = {int(k): v for k, v in json.loads((self.path / "vocab.json").read_text()).items()}
         self.arrays = load_file(str(self.path / "features.safetensors"))
         self.n_layers, self.d_transcoder = int(self.index["n_layers"]), int(self.index["d_transcoder"])
+        self._descriptions: dict[tuple[int, int], str] = {}
 
     @classmethod
     def beside(cls, transcoder_dir: str | Path) -> "FeatureStore":
         """The store saved beside a transcoder set (``<dir>/features``)."""
         return cls(Path(transcoder_dir) / STORE_DIRNAME)
+
+    @classmethod
+    def find(cls, transcoder_dir: str | Path | None) -> "FeatureStore | None":
+        """The store beside a transcoder set, or None where the set has none (descriptions are optional)."""
+        if transcoder_dir is None:
+            return None
+        try:
+            return cls.beside(transcoder_dir)
+        except FeatureStoreError:
+            return None
+
+    def description(self, layer: int, index: int) -> str:
+        """A feature's one-line description (cached: verdicts and reports ask for the same features often)."""
+        key = (int(layer), int(index))
+        if key not in self._descriptions:
+            self._descriptions[key] = self.card(layer, index).description
+        return self._descriptions[key]
 
     def get(self, layer: int, name: str) -> torch.Tensor:
         return self.arrays[f"{layer}.{name}"]

@@ -210,16 +210,13 @@ def run_experiment(att: Attributor, classifier: StepClassifier | None, records: 
 
     ``scores``: ``{(problem_id, step_index): p_faulty}`` to flag by (e.g. out of fold); else ``classifier`` scores
     each step. The anomalous rule's reference statistics come from the solved traces of ``records``."""
-    from crv.features.store import FeatureStore, FeatureStoreError
+    from crv.features.store import FeatureStore
 
     if scores is None and classifier is None:
         raise ValueError("give a classifier or precomputed scores to flag steps by")
     rng = np.random.default_rng(config.seed)
-    try:  # edited features are named by their descriptions where the set has some
-        store = FeatureStore.beside(att.transcoder_dir) if att.transcoder_dir is not None else None
-    except FeatureStoreError:
-        store = None
-    describe = (lambda layer, feature: store.card(layer, feature).description) if store is not None else None
+    store = FeatureStore.find(att.transcoder_dir)  # edited features are named by their descriptions, if any
+    describe = store.description if store is not None else None
     p_of = (lambda r, k: float(scores.get((r.problem_id, k), float("nan")))) if scores is not None else \
         (lambda r, k: step_probability(att, classifier, r, k))  # type: ignore[arg-type]
     out: dict = {"settings": asdict(config)}
