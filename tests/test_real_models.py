@@ -257,3 +257,27 @@ def test_smollm2_writes_steps_and_every_graph_matches_circuit_tracer(smollm2):
     ids = trace.ids[: trace.last(len(rec.steps) - 1) + 1]
     report = compare_graphs(TraceAttribution(att.model, att.transcoders, ids, att.config).graph(), peer.graph(ids, att.config))
     assert report.ok(), report
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_hook_sites_name_each_familys_modules(family):
+    """The adapter's named sites are the modules the engine reads (and a wrong name lists the valid ones)."""
+    from crv.lm.sites import hook_sites
+
+    tok = build_tokenizer()
+    cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+           "qwen3": (Qwen3Config, Qwen3ForCausalLM)}[family]
+    model = cls[1](cls[0](**_shape(tok)))
+    s = hook_sites(model)
+    assert s.n_layers == 2 and s["embedding"] is model.model.embed_tokens and s["final_norm"] is model.model.norm
+    assert s["unembed"] is model.lm_head
+    for i, layer in enumerate(model.model.layers):
+        assert s[f"layers.{i}.mlp"] is layer.mlp and s.attention(i) is layer.self_attn
+        assert s.input_norm(i) is layer.input_layernorm and s.post_attention_norm(i) is layer.post_attention_layernorm
+    with pytest.raises(KeyError, match="layers 0..1"):
+        s["layers.2.mlp"]
+    with pytest.raises(KeyError, match="layers.<i>.<part> with part in attention, mlp"):
+        s["blocks.0.mlp"]
+    gemma = Gemma2ForCausalLM(Gemma2Config(**_shape(tok)))
+    with pytest.raises(UnsupportedModelError):
+        hook_sites(gemma)

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
+from crv.lm.sites import hook_sites
+
 
 @dataclass
 class ForwardCapture:
@@ -45,8 +47,8 @@ def capture_forward(model: PreTrainedModel, ids: torch.Tensor) -> ForwardCapture
     """Run ``ids`` ([T]) through the model once (eager attention) and record the frozen parts."""
     if ids.ndim != 1:
         raise ValueError(f"expected a 1-D tensor of token ids, got shape {tuple(ids.shape)}")
-    layers = model.model.layers
-    n = len(layers)
+    sites = hook_sites(model)
+    n = sites.n_layers
     rec: dict[str, list] = {k: [None] * n for k in ("attn", "s_in", "s_post", "mlp_in", "mlp_out")}
     final: dict[str, torch.Tensor] = {}
     handles = []
@@ -63,19 +65,18 @@ def capture_forward(model: PreTrainedModel, ids: torch.Tensor) -> ForwardCapture
                 rec[store][i] = out[0].float()
         return fn
 
-    for i, layer in enumerate(layers):
+    for i in range(n):
+        norm_in, norm_post, mlp = sites.input_norm(i), sites.post_attention_norm(i), sites.mlp(i)
         handles += [
-            layer.input_layernorm.register_forward_hook(hook("s_in", i, "scale", layer.input_layernorm.variance_epsilon)),
-            layer.post_attention_layernorm.register_forward_hook(
-                hook("s_post", i, "scale", layer.post_attention_layernorm.variance_epsilon)
-            ),
-            layer.self_attn.register_forward_hook(hook("attn", i, "attn")),
-            layer.mlp.register_forward_hook(hook("mlp_in", i, "in")),
-            layer.mlp.register_forward_hook(hook("mlp_out", i, "out")),
+            norm_in.register_forward_hook(hook("s_in", i, "scale", norm_in.variance_epsilon)),
+            norm_post.register_forward_hook(hook("s_post", i, "scale", norm_post.variance_epsilon)),
+            sites.attention(i).register_forward_hook(hook("attn", i, "attn")),
+            mlp.register_forward_hook(hook("mlp_in", i, "in")),
+            mlp.register_forward_hook(hook("mlp_out", i, "out")),
         ]
-    norm = model.model.norm
+    norm = sites.final_norm
     handles.append(norm.register_forward_hook(lambda m, a, o: final.__setitem__("s", _inv_rms(a[0][0], norm.variance_epsilon))))
-    handles.append(model.model.embed_tokens.register_forward_hook(lambda m, a, o: final.__setitem__("e", o[0].float())))
+    handles.append(sites.embedding.register_forward_hook(lambda m, a, o: final.__setitem__("e", o[0].float())))
     previous = model.config._attn_implementation
     model.config._attn_implementation = "eager"
     try:

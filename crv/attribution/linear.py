@@ -29,6 +29,7 @@ import torch
 from transformers import PreTrainedModel
 
 from crv.attribution.capture import ForwardCapture
+from crv.lm.sites import hook_sites
 from crv.transcoders.io import TranscoderSet
 
 
@@ -56,17 +57,18 @@ class LinearReplacement:
         self.n_layers, self.n_pos, self.d = cfg.num_hidden_layers, cap.n_pos, cfg.hidden_size
         self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.d_head = getattr(cfg, "head_dim", None) or self.d // self.n_heads
-        layers = model.model.layers
+        sites = hook_sites(model)
         f32 = lambda t: t.detach().to(device=dev, dtype=torch.float32)  # noqa: E731  (no copy when already fp32 there)
-        self.W_O = [f32(l.self_attn.o_proj.weight) for l in layers]  # [d, H*dh]
-        self.W_V = [f32(l.self_attn.v_proj.weight) for l in layers]  # [Hkv*dh, d]
-        self.v_bias = [None if l.self_attn.v_proj.bias is None else f32(l.self_attn.v_proj.bias) for l in layers]
-        self.o_bias = [None if l.self_attn.o_proj.bias is None else f32(l.self_attn.o_proj.bias) for l in layers]
-        self.w_in = [f32(l.input_layernorm.weight) for l in layers]
-        self.w_post = [f32(l.post_attention_layernorm.weight) for l in layers]
-        self.w_final = f32(model.model.norm.weight)
+        attn = [sites.attention(i) for i in range(sites.n_layers)]
+        self.W_O = [f32(a.o_proj.weight) for a in attn]  # [d, H*dh]
+        self.W_V = [f32(a.v_proj.weight) for a in attn]  # [Hkv*dh, d]
+        self.v_bias = [None if a.v_proj.bias is None else f32(a.v_proj.bias) for a in attn]
+        self.o_bias = [None if a.o_proj.bias is None else f32(a.o_proj.bias) for a in attn]
+        self.w_in = [f32(sites.input_norm(i).weight) for i in range(sites.n_layers)]
+        self.w_post = [f32(sites.post_attention_norm(i).weight) for i in range(sites.n_layers)]
+        self.w_final = f32(sites.final_norm.weight)
         # the unembedding stays in the model's dtype (no float32 copy of a 128k-row matrix): rows are upcast when read
-        self.W_U = model.lm_head.weight.detach()
+        self.W_U = sites.unembed.weight.detach()
         self.W_U_mean = torch.stack([c.float().sum(0) for c in self.W_U.split(8192)]).sum(0) / self.W_U.shape[0]
 
         # ---- transcoders: active features, errors, per-position padded decoder blocks

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
+from crv.lm.sites import hook_sites
 from crv.transcoders.io import TranscoderSet
 
 
@@ -43,7 +44,7 @@ class WeightLensLayer:
 
 def _normalised_embeddings(model: PreTrainedModel, layer: int) -> torch.Tensor:
     """``g_l * E / rms(E)`` for every token ``[V, d]`` (float32): what a token alone puts into layer ``l``'s MLP input."""
-    norm = model.model.layers[layer].post_attention_layernorm
+    norm = hook_sites(model).post_attention_norm(layer)
     E = model.get_input_embeddings().weight.detach().float()
     return E * torch.rsqrt(E.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon) * norm.weight.detach().float()
 
@@ -72,7 +73,7 @@ def weight_lens(model: PreTrainedModel, transcoders: TranscoderSet, layer: int, 
         cand_t = torch.cat([best_t, torch.arange(start, start + s.shape[1]).expand(F, -1)], 1)
         top = cand_s.topk(n, dim=1)
         best_s, best_t = top.values, cand_t.gather(1, top.indices)
-    g_final = model.model.norm.weight.detach().float().cpu()
+    g_final = hook_sites(model).final_norm.weight.detach().float().cpu()
     W_U = model.get_output_embeddings().weight.detach().float().cpu()  # [V, d]
     W_U = W_U[ids]
     out = (W_dec * g_final) @ W_U.T  # [F, V]

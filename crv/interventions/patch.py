@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from transformers import LlamaForCausalLM
 
+from crv.lm.sites import hook_sites
 from crv.transcoders.io import TranscoderSet
 
 MODES = ("clamp", "scale", "set")
@@ -101,8 +102,9 @@ def feature_patch(model: LlamaForCausalLM, transcoders: TranscoderSet, edits: Se
         return hook
 
     try:
+        sites = hook_sites(model)
         for layer, layer_edits in by_layer.items():
-            handles.append(model.model.layers[layer].mlp.register_forward_hook(make_hook(layer, layer_edits)))
+            handles.append(sites.mlp(layer).register_forward_hook(make_hook(layer, layer_edits)))
         yield window
     finally:
         for h in handles:

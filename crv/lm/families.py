@@ -18,12 +18,27 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
+class SiteNames:
+    """Attribute paths of a family's modules: model-level ones from the causal LM, per-layer ones from a layer."""
+
+    layers: str = "model.layers"
+    embedding: str = "model.embed_tokens"
+    final_norm: str = "model.norm"
+    unembed: str = "lm_head"
+    attention: str = "self_attn"
+    mlp: str = "mlp"
+    input_norm: str = "input_layernorm"
+    post_attention_norm: str = "post_attention_layernorm"
+
+
+@dataclass(frozen=True)
 class ModelFamily:
     """One supported architecture: the ``config.model_type`` values it covers and what it brings."""
 
     name: str
     model_types: tuple[str, ...]
     notes: str
+    sites: SiteNames = SiteNames()  # where its modules are (crv.lm.sites names them)
 
 
 @dataclass(frozen=True)

@@ -20,12 +20,15 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel
 
+from crv.lm.sites import hook_sites
+
 
 @torch.no_grad()
 def _clean_mlp_outputs(model: PreTrainedModel, ids: torch.Tensor) -> list[torch.Tensor]:
     outs: list[torch.Tensor] = []
-    hooks = [layer.mlp.register_forward_hook(lambda m, a, o: outs.append(o[0].detach().clone()))
-             for layer in model.model.layers]
+    sites = hook_sites(model)
+    hooks = [sites.mlp(i).register_forward_hook(lambda m, a, o: outs.append(o[0].detach().clone()))
+             for i in range(sites.n_layers)]
     try:
         model(input_ids=ids[None])
     finally:
@@ -39,7 +42,8 @@ def reading_gradients(model: PreTrainedModel, ids: torch.Tensor, encoder_row: to
     """``(d pre / d delta [L, T, d], d pre / d embedding [T, d])`` of ``pre = encoder_row . mlp_in[layer][pos]``
     in the frozen model (float32, eager attention)."""
     mlp_out = _clean_mlp_outputs(model, ids)
-    L, T, d = len(model.model.layers), len(ids), model.config.hidden_size
+    sites = hook_sites(model)
+    L, T, d = sites.n_layers, len(ids), model.config.hidden_size
     delta = torch.zeros(L, T, d, requires_grad=True)
     d_emb = torch.zeros(T, d, requires_grad=True)
     read: dict[str, torch.Tensor] = {}
@@ -50,19 +54,19 @@ def reading_gradients(model: PreTrainedModel, ids: torch.Tensor, encoder_row: to
         scale = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + mod.variance_epsilon).detach()
         return mod.weight * (x * scale)
 
-    for l, block in enumerate(model.model.layers):
-        hooks.append(block.input_layernorm.register_forward_hook(frozen_norm))
-        hooks.append(block.post_attention_layernorm.register_forward_hook(frozen_norm))
-        hooks.append(block.self_attn.q_proj.register_forward_hook(lambda m, a, o: o.detach()))
-        hooks.append(block.self_attn.k_proj.register_forward_hook(lambda m, a, o: o.detach()))
+    for l in range(L):
+        hooks.append(sites.input_norm(l).register_forward_hook(frozen_norm))
+        hooks.append(sites.post_attention_norm(l).register_forward_hook(frozen_norm))
+        hooks.append(sites.attention(l).q_proj.register_forward_hook(lambda m, a, o: o.detach()))
+        hooks.append(sites.attention(l).k_proj.register_forward_hook(lambda m, a, o: o.detach()))
 
         def mlp_hook(mod, args, out, l=l):  # type: ignore[no-untyped-def]
             if l == layer:
                 read["x"] = args[0][0, pos]
             return (mlp_out[l] + delta[l])[None]
 
-        hooks.append(block.mlp.register_forward_hook(mlp_hook))
-    hooks.append(model.model.embed_tokens.register_forward_hook(lambda m, a, o: o + d_emb[None]))
+        hooks.append(sites.mlp(l).register_forward_hook(mlp_hook))
+    hooks.append(sites.embedding.register_forward_hook(lambda m, a, o: o + d_emb[None]))
     previous = model.config._attn_implementation
     model.config._attn_implementation = "eager"
     try:

@@ -11,12 +11,14 @@ from transformers import PreTrainedModel
 
 from crv.lm.encode import TraceEncoder
 from crv.lm.prompt import ANSWER_PREFIX
+from crv.lm.sites import hook_sites
 from crv.tasks.cot import TASKS, GeneratorConfig, make_problem
 
 
 def mlp_modules(model: PreTrainedModel) -> list[torch.nn.Module]:
     """The MLP block of every decoder layer, in order."""
-    return [layer.mlp for layer in model.model.layers]
+    sites = hook_sites(model)
+    return [sites.mlp(i) for i in range(sites.n_layers)]
 
 
 @contextmanager
