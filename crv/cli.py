@@ -622,7 +622,7 @@ def train_verifier_cmd(
     fp = column_groups(table)["fingerprint"]
     clf = StepClassifier().fit(table[fp], table["faulty"].to_numpy())
     att = Attributor.load(model, transcoders)
-    clf.meta["provenance"] = {
+    clf.meta_["provenance"] = {
         "tables": [str(p) for p in steps], "tasks": sorted(table["task"].unique().tolist()),
         "model": att.model_id, "transcoders": att.transcoders.checksum(),
         "attribution": {"max_feature_nodes": max_feature_nodes, "step_target": step_target},

@@ -6,7 +6,7 @@ import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from crv.classify.metrics import aupr, auroc, bootstrap_ci, evaluate_scores, fpr_at_95
-from crv.classify.model import ClassifierConfig, StepClassifier, grouped_split
+from crv.classify.model import StepClassifier, grouped_split
 
 
 def toy(n=400, seed=0):
@@ -18,15 +18,15 @@ def toy(n=400, seed=0):
 
 def test_fit_predict_and_round_trip(tmp_path):
     X, y = toy()
-    clf = StepClassifier(ClassifierConfig(n_estimators=50)).fit(X[:300], y[:300])
+    clf = StepClassifier(n_estimators=50).fit(X[:300], y[:300])
     p = clf.predict_proba(X[300:])
     assert p.shape == (100, 2) and np.allclose(p.sum(1), 1)
     assert auroc(y[300:], p[:, 1]) > 0.8
-    assert clf.meta["scale_pos_weight"] == pytest.approx((y[:300] == 0).sum() / (y[:300] == 1).sum())
+    assert clf.meta_["scale_pos_weight"] == pytest.approx((y[:300] == 0).sum() / (y[:300] == 1).sum())
     clf.save(tmp_path / "clf")
     back = StepClassifier.load(tmp_path / "clf")
     assert np.array_equal(back.predict_proba(X[300:]), p)
-    assert back.feature_names == ["a", "b", "noise"] and back.meta["train_checksum"] == clf.meta["train_checksum"]
+    assert back.feature_names == ["a", "b", "noise"] and back.meta_["train_checksum"] == clf.meta_["train_checksum"]
     # columns are matched by name, not position
     assert np.array_equal(back.predict_proba(X[300:][["noise", "b", "a"]]), p)
     with pytest.raises(ValueError, match="missing feature"):
@@ -59,3 +59,46 @@ def test_grouped_split_leaks_no_problem():
     train, test = grouped_split(groups, test_size=0.2, seed=3)
     assert not set(groups[train]) & set(groups[test])
     assert len(train) + len(test) == len(groups) and len(test) > 0
+
+
+def test_step_classifier_follows_the_estimator_conventions():
+    """clone / get_params / set_params / Pipeline work; fitted attributes end in _ and an unfitted one says so."""
+    from sklearn.base import clone
+    from sklearn.exceptions import NotFittedError
+    from sklearn.pipeline import Pipeline
+
+    from crv.evaluate.estimators import Columns
+
+    X, y = toy()
+    clf = StepClassifier(n_estimators=30, max_depth=2)
+    twin = clone(clf)
+    assert twin.get_params() == clf.get_params() and twin.get_params()["max_depth"] == 2
+    with pytest.raises(NotFittedError):
+        clf.predict_proba(X)
+    pipe = Pipeline([("columns", Columns(["a", "b"])), ("model", clf)]).fit(X, y)
+    fitted = pipe[-1]
+    assert list(fitted.feature_names_in_) == ["a", "b"] and list(fitted.classes_) == [0, 1]
+    assert fitted.meta_["config"] == clf.get_params() and not hasattr(twin, "booster_")
+    direct = StepClassifier(n_estimators=30, max_depth=2).fit(X[["a", "b"]], y)
+    assert np.array_equal(pipe.predict_proba(X), direct.predict_proba(X))
+
+
+def test_method_estimators_choose_on_the_training_split_only():
+    """BestColumn picks the column by training AUROC; BestGroupProbe needs the problems for its grouped folds and
+    picks the informative layer."""
+    from sklearn.linear_model import LogisticRegression
+
+    from crv.evaluate.estimators import BestColumn, BestGroupProbe, ColumnScore
+
+    X, y = toy(600)
+    cols = pd.DataFrame({"noise": X["noise"], "signal": X["a"]})
+    assert BestColumn().fit(cols, y).column_ == "signal"
+    assert BestColumn(sign=-1.0).fit(cols, y).column_ == "noise"  # -a is the worst score; -noise is near chance
+    assert np.array_equal(ColumnScore(-1.0, 1.0).fit(cols[["signal"]], y).predict_proba(cols[["signal"]])[:, 1],
+                          1.0 - cols["signal"].to_numpy())
+    H = pd.DataFrame({"h0.0": X["noise"], "h0.1": X["noise"] ** 2, "h1.0": X["a"], "h1.1": X["b"]})
+    groups = np.repeat(np.arange(150), 4)
+    probe = BestGroupProbe(LogisticRegression(), folds=3)
+    with pytest.raises(ValueError, match="groups="):
+        probe.fit(H, y)
+    assert probe.fit(H, y, groups=groups).layer_ == "h1" and probe.columns_ == ["h1.0", "h1.1"]

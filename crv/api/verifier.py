@@ -96,7 +96,7 @@ class Verifier:
             "crv": version("crv"), "model": self.att.model_id, "transcoders": self.att.transcoders.checksum(),
             "prompt_format": self.att.prompt_format, "classifier": self.classifier_id, "threshold": self.threshold, "step_target": self.target,
             "attribution": dataclasses.asdict(self.att.config),
-            "trained_on": self.classifier.meta.get("provenance", {}).get("tasks"),
+            "trained_on": self.classifier.meta_.get("provenance", {}).get("tasks"),
         }
 
     def text_patterns(self) -> dict[str, str] | None:

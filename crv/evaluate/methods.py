@@ -11,37 +11,16 @@ import pandas as pd
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedGroupKFold
 from sklearn.neural_network import MLPClassifier
-from sklearn.pipeline import make_pipeline
+from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 from transformers import PreTrainedModel
 
-
-from crv.classify.metrics import auroc
-from crv.classify.model import ClassifierConfig, StepClassifier, paper_parity_classifier
+from crv.classify.model import StepClassifier, paper_parity_classifier
+from crv.evaluate.estimators import BestColumn, BestGroupProbe, Columns, ColumnScore, grouped_folds
 from crv.evaluate.prm import PRMConfig, ProcessRewardModel, last_token_states, state_layers
-from crv.extract.steps import KEYS, TEMPERATURES, column_groups, hidden_layers
+from crv.extract.steps import KEYS, TEMPERATURES, column_groups
 from crv.lm.encode import TraceEncoder
 from crv.tasks.schema import Record
-
-#: method name -> short description (report legend)
-METHODS = {
-    "crv": "CRV: xgboost on the attribution-graph fingerprint",
-    "crv_gbc": "CRV with sklearn GradientBoostingClassifier defaults (paper parity)",
-    "maxprob": "1 - mean max token probability",
-    "ppl": "perplexity of the step's tokens",
-    "entropy": "mean predictive entropy",
-    "temp_scaling": "1 - mean max probability at the temperature best on the training split",
-    "energy": "mean energy score -logsumexp(logits)",
-    "lr_probe": "logistic regression on mean-pooled hidden states (layer chosen on the training split)",
-    "mlp_probe": "MLP on mean-pooled hidden states (layer chosen on the training split)",
-    "tc_only": "xgboost on per-layer transcoder activation statistics, no graph",
-    "crv_uncertain": "CRV on the graph at the step's least confident position (crv extension)",
-    "crv_result": "CRV on the graph at the step's \"=\" (crv extension)",
-    "prm_finetuned": "process reward model: the reasoner fine-tuned with a scalar head on the step's last token",
-    "prm_frozen": "process reward model, reasoner frozen: linear head on the step's last-token hidden state (layer chosen on the training split)",
-    "crv_plus_prm": "xgboost on the fingerprint plus the fine-tuned PRM's score (out-of-fold on the training split)",
-    "crv_plus_confidence": "xgboost on the fingerprint plus the black-box confidence scores (bb.*)",
-}
 
 #: the black-box confidence scores (no training beyond a temperature)
 BLACK_BOX = ("maxprob", "ppl", "entropy", "temp_scaling", "energy")
@@ -63,7 +42,7 @@ class EvalConfig:
     test_fraction: float = 0.2  # split mode, via stratified group k-fold: 1 / round(1 / test_fraction) of the problems
     seed: int = 0
     n_boot: int = 1000
-    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    classifier: dict = field(default_factory=lambda: StepClassifier().get_params())  # StepClassifier parameters
     probe_folds: int = 3
     prm: PRMConfig | None = field(default_factory=PRMConfig)  # None: no PRM baselines
 
@@ -89,6 +68,98 @@ class TextInputs:
         return [self.records[p] for p in dict.fromkeys(table["problem_id"])]
 
 
+@dataclass(frozen=True)
+class Method:
+    """One method of the results table: a scikit-learn pipeline built from the step table's column groups
+    (``build(groups, cfg)``), what its fit chose (``chosen(fitted)``), and whether its fit takes the problems
+    as ``groups`` (grouped cross-validation inside the training split)."""
+
+    name: str
+    description: str
+    build: Callable[[dict[str, list[str]], EvalConfig], Pipeline]
+    chosen: Callable[[Pipeline], dict] = lambda fitted: {}
+    grouped: bool = False
+
+
+def _on(columns: Callable[[dict[str, list[str]]], list[str]], model: Callable[[EvalConfig], object],
+        as_numpy: bool = False) -> Callable[[dict[str, list[str]], EvalConfig], Pipeline]:
+    return lambda g, cfg: Pipeline([("columns", Columns(columns(g), as_numpy)), ("model", model(cfg))])
+
+
+def _crv(*group_names: str) -> Callable[[dict[str, list[str]], EvalConfig], Pipeline]:
+    return _on(lambda g: [c for name in group_names for c in g[name]], lambda cfg: StepClassifier(**cfg.classifier))
+
+
+def _top_features(name: str) -> Callable[[Pipeline], dict]:
+    return lambda fitted: {f"{name}_top_features": fitted[-1].feature_importances().head(10).round(4).to_dict()}
+
+
+def _score(column: str, sign: float = 1.0, offset: float = 0.0) -> Callable[[dict[str, list[str]], EvalConfig], Pipeline]:
+    return _on(lambda g: [column], lambda cfg: ColumnScore(sign, offset))
+
+
+#: the temperature-scaled MaxProb columns, by temperature
+TEMPERATURE_COLUMNS = {1.0: "bb.maxprob", **{t: f"bb.maxprob_t{t}" for t in TEMPERATURES}}
+
+
+def _hidden(g: dict[str, list[str]]) -> list[str]:
+    return [c for layer in sorted((k for k in g if k.startswith("h")), key=lambda k: int(k[1:])) for c in g[layer]]
+
+
+def _probe_method(name: str, description: str, probe: Callable[[EvalConfig], object]) -> Method:
+    return Method(name, description,
+                  _on(_hidden, lambda cfg: BestGroupProbe(probe(cfg), None, cfg.probe_folds, cfg.seed)),
+                  lambda fitted: {f"{name}_layer": fitted[-1].layer_}, grouped=True)
+
+
+#: the methods scored on the step table alone, in report order (the graph-target variants and the PRMs follow)
+REGISTRY: dict[str, Method] = {m.name: m for m in (
+    Method("crv", "CRV: xgboost on the attribution-graph fingerprint", _crv("fingerprint"), _top_features("crv")),
+    Method("crv_gbc", "CRV with sklearn GradientBoostingClassifier defaults (paper parity)",
+           _on(lambda g: g["fingerprint"], lambda cfg: paper_parity_classifier(cfg.seed), as_numpy=True)),
+    Method("maxprob", "1 - mean max token probability", _score("bb.maxprob", -1.0, 1.0)),
+    Method("ppl", "perplexity of the step's tokens", _score("bb.ppl")),
+    Method("entropy", "mean predictive entropy", _score("bb.entropy")),
+    Method("temp_scaling", "1 - mean max probability at the temperature best on the training split",
+           _on(lambda g: list(TEMPERATURE_COLUMNS.values()), lambda cfg: BestColumn(-1.0, 1.0)),
+           lambda fitted: {"temperature": {c: t for t, c in TEMPERATURE_COLUMNS.items()}[fitted[-1].column_]}),
+    Method("energy", "mean energy score -logsumexp(logits)", _score("bb.energy")),
+    _probe_method("lr_probe", "logistic regression on mean-pooled hidden states (layer chosen on the training split)",
+                  lambda cfg: lr_probe()),
+    _probe_method("mlp_probe", "MLP on mean-pooled hidden states (layer chosen on the training split)",
+                  lambda cfg: mlp_probe(cfg.seed)),
+    Method("tc_only", "xgboost on per-layer transcoder activation statistics, no graph", _crv("tc")),
+    Method("crv_plus_confidence", "xgboost on the fingerprint plus the black-box confidence scores (bb.*)",
+           _crv("fingerprint", "bb"), _top_features("crv_plus_confidence")),
+)}
+
+#: CRV on the graph at another step target (a ``fingerprint:<target>`` column group), by target
+TARGET_DESCRIPTIONS = {
+    "uncertain": "CRV on the graph at the step's least confident position (crv extension)",
+    "result": "CRV on the graph at the step's \"=\" (crv extension)",
+}
+
+#: the methods that read the traces' text (:func:`score_prms`)
+TEXT_METHODS = {
+    "prm_finetuned": "process reward model: the reasoner fine-tuned with a scalar head on the step's last token",
+    "prm_frozen": "process reward model, reasoner frozen: linear head on the step's last-token hidden state (layer chosen on the training split)",
+    "crv_plus_prm": "xgboost on the fingerprint plus the fine-tuned PRM's score (out-of-fold on the training split)",
+}
+
+
+def methods_for(groups: dict[str, list[str]]) -> list[Method]:
+    """The registry's methods plus CRV at every other step target the table has (``fingerprint:<target>``)."""
+    targets = [g.split(":", 1)[1] for g in groups if g.startswith("fingerprint:")]
+    return list(REGISTRY.values()) + [
+        Method(f"crv_{t}", TARGET_DESCRIPTIONS.get(t, f"CRV on the graph at the step's {t} target"),
+               _crv(f"fingerprint:{t}"), _top_features(f"crv_{t}")) for t in targets]
+
+
+#: method name -> short description (report legend), in report order
+METHODS = {**{m.name: m.description for m in REGISTRY.values()}, **{f"crv_{t}": d for t, d in TARGET_DESCRIPTIONS.items()},
+           **TEXT_METHODS}
+
+
 def split(table: pd.DataFrame, cfg: EvalConfig) -> tuple[np.ndarray, np.ndarray]:
     """Train / test rows: grouped by problem (no problem on both sides), stratified by faulty steps."""
     k = max(2, round(1 / cfg.test_fraction))
@@ -101,52 +172,17 @@ def split(table: pd.DataFrame, cfg: EvalConfig) -> tuple[np.ndarray, np.ndarray]
     return train, test
 
 
-def _folds(train: pd.DataFrame, k: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Grouped (by problem), stratified folds of a training split."""
-    y = train["faulty"].to_numpy()
-    return list(StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
-                .split(np.zeros(len(y)), y, train["problem_id"].to_numpy()))
-
-
-def _probe(make: Callable[[], object], train: pd.DataFrame, test: pd.DataFrame, cfg: EvalConfig,
-           layers: dict[str, list[str]] | None = None) -> tuple[np.ndarray, str]:
-    """Pick the layer (a group of columns; default: the mean-pooled hidden states) with the best
-    grouped cross-validated AUROC on ``train``; score ``test``."""
-    y = train["faulty"].to_numpy()
-    folds = _folds(train, cfg.probe_folds, cfg.seed)
-    if layers is None:
-        groups = column_groups(train)
-        layers = {layer: groups[layer] for layer in hidden_layers(train)}
-    best, best_layer = -1.0, None
-    for layer, cols in layers.items():
-        X = train[cols].to_numpy()
-        vals = []
-        for tr, va in folds:
-            if len(np.unique(y[tr])) < 2 or len(np.unique(y[va])) < 2:
-                continue
-            m = make()
-            m.fit(X[tr], y[tr])  # type: ignore[attr-defined]
-            vals.append(auroc(y[va], m.predict_proba(X[va])[:, 1]))  # type: ignore[attr-defined]
-        score = float(np.mean(vals)) if vals else 0.5
-        if score > best:
-            best, best_layer = score, layer
-    cols = layers[best_layer]  # type: ignore[index]
-    m = make()
-    m.fit(train[cols].to_numpy(), y)  # type: ignore[attr-defined]
-    return m.predict_proba(test[cols].to_numpy())[:, 1], str(best_layer)  # type: ignore[attr-defined]
-
-
-def lr_probe() -> object:
+def lr_probe() -> Pipeline:
     return make_pipeline(StandardScaler(), LogisticRegression(C=0.1, class_weight="balanced", max_iter=2000))
 
 
-def mlp_probe(seed: int = 0) -> object:
+def mlp_probe(seed: int = 0) -> Pipeline:
     return make_pipeline(StandardScaler(), MLPClassifier(hidden_layer_sizes=(64,), alpha=1e-2, max_iter=300,
                                                          early_stopping=True, random_state=seed))
 
 
 def fit_crv(train: pd.DataFrame, columns: list[str], cfg: EvalConfig) -> StepClassifier:
-    return StepClassifier(cfg.classifier).fit(train[columns], train["faulty"].to_numpy())
+    return StepClassifier(**cfg.classifier).fit(train[columns], train["faulty"].to_numpy())
 
 
 def _aligned(values: pd.Series | pd.DataFrame, table: pd.DataFrame) -> np.ndarray:
@@ -197,18 +233,20 @@ def score_prms(train: pd.DataFrame, test: pd.DataFrame, cfg: EvalConfig, text: T
         return pd.concat([t[KEYS].reset_index(drop=True),
                           pd.DataFrame(_aligned(states, t), columns=states.columns)], axis=1)
 
-    scores["prm_frozen"], chosen["prm_frozen_layer"] = _probe(lr_probe, with_states(train), with_states(test), cfg, layers)
+    frozen = BestGroupProbe(lr_probe(), layers, cfg.probe_folds, cfg.seed).fit(
+        with_states(train), train["faulty"].to_numpy(), groups=train["problem_id"].to_numpy())
+    scores["prm_frozen"], chosen["prm_frozen_layer"] = frozen.predict_proba(with_states(test))[:, 1], frozen.layer_
 
     if crossfit is None:
         oof = np.zeros(len(train))
-        for tr, va in _folds(train, cfg.prm.crossfit_folds, cfg.seed):
+        for tr, va in grouped_folds(train["faulty"].to_numpy(), train["problem_id"].to_numpy(), cfg.prm.crossfit_folds, cfg.seed):
             oof[va] = fit_score_prm(train.iloc[tr], train.iloc[va], cfg, text)[0]
     else:
         oof = crossfit[0]
     fp = column_groups(train)["fingerprint"]
     both_train = train[fp].assign(prm_score=oof)
     both_test = test[fp].assign(prm_score=scores["prm_finetuned"])
-    both = StepClassifier(cfg.classifier).fit(both_train, train["faulty"].to_numpy())
+    both = StepClassifier(**cfg.classifier).fit(both_train, train["faulty"].to_numpy())
     scores["crv_plus_prm"] = both.predict_proba(both_test)[:, 1]
     chosen["crv_plus_prm_top_features"] = both.feature_importances().head(10).round(4).to_dict()
     return scores, chosen
@@ -217,41 +255,21 @@ def score_prms(train: pd.DataFrame, test: pd.DataFrame, cfg: EvalConfig, text: T
 def score_methods(train: pd.DataFrame, test: pd.DataFrame, cfg: EvalConfig,
                   text: TextInputs | None = None,
                   prm_crossfit: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[dict[str, np.ndarray], dict]:
-    """Test-set scores of every method, plus what was chosen on the training split.
+    """Test-set scores of every method of :func:`methods_for` (one loop: build, fit on ``train``, score ``test``),
+    plus what each fit chose on the training split.
 
     The PRM baselines (and CRV + PRM) need the traces' text: they run when ``text`` is given
     and ``cfg.prm`` is set (``prm_crossfit``: see :func:`score_prms`).
     """
     groups = column_groups(train)
-    y = train["faulty"].to_numpy()
-    fp = groups["fingerprint"]
+    y, problems = train["faulty"].to_numpy(), train["problem_id"].to_numpy()
     scores: dict[str, np.ndarray] = {}
     chosen: dict = {}
-    crv = fit_crv(train, fp, cfg)
-    scores["crv"] = crv.predict_proba(test[fp])[:, 1]
-    chosen["crv_top_features"] = crv.feature_importances().head(10).round(4).to_dict()
-    gbc = paper_parity_classifier(cfg.seed).fit(train[fp].to_numpy(), y)
-    scores["crv_gbc"] = gbc.predict_proba(test[fp].to_numpy())[:, 1]
-    scores["maxprob"] = 1.0 - test["bb.maxprob"].to_numpy()
-    scores["ppl"] = test["bb.ppl"].to_numpy()
-    scores["entropy"] = test["bb.entropy"].to_numpy()
-    temps = {1.0: "bb.maxprob", **{t: f"bb.maxprob_t{t}" for t in TEMPERATURES}}
-    best_t = max(temps, key=lambda t: auroc(y, 1.0 - train[temps[t]].to_numpy()))
-    scores["temp_scaling"] = 1.0 - test[temps[best_t]].to_numpy()
-    chosen["temperature"] = best_t
-    scores["energy"] = test["bb.energy"].to_numpy()
-    scores["lr_probe"], chosen["lr_probe_layer"] = _probe(lr_probe, train, test, cfg)
-    scores["mlp_probe"], chosen["mlp_probe_layer"] = _probe(lambda: mlp_probe(cfg.seed), train, test, cfg)
-    both = fit_crv(train, fp + groups["bb"], cfg)
-    scores["crv_plus_confidence"] = both.predict_proba(test[fp + groups["bb"]])[:, 1]
-    chosen["crv_plus_confidence_top_features"] = both.feature_importances().head(10).round(4).to_dict()
-    tc = fit_crv(train, groups["tc"], cfg)
-    scores["tc_only"] = tc.predict_proba(test[groups["tc"]])[:, 1]
-    for group in (g for g in groups if g.startswith("fingerprint:")):
-        target = group.split(":", 1)[1]
-        clf = fit_crv(train, groups[group], cfg)
-        scores[f"crv_{target}"] = clf.predict_proba(test[groups[group]])[:, 1]
-        chosen[f"crv_{target}_top_features"] = clf.feature_importances().head(10).round(4).to_dict()
+    for m in methods_for(groups):
+        pipe = m.build(groups, cfg)
+        pipe.fit(train, y, **({"model__groups": problems} if m.grouped else {}))
+        scores[m.name] = pipe.predict_proba(test)[:, 1]
+        chosen.update(m.chosen(pipe))
     if text is not None and cfg.prm is not None:
         prm_scores, prm_chosen = score_prms(train, test, cfg, text, prm_crossfit)
         scores.update(prm_scores)

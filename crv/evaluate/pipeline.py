@@ -69,7 +69,7 @@ def run_evaluation(
             sample = [by_id[p] for p in list(dict.fromkeys(t.iloc[scheme.scored]["problem_id"]))[:cost_sample]]
             results[task]["ms_per_step"] = {"crv": time_crv(att, sample, target), **results[task]["ms_per_step"]}
         train = t.iloc[scheme.fit_rows()]
-        StepClassifier(config.classifier).fit(train[fp], train["faulty"].to_numpy()).save(run_dir / "classifiers" / task)
+        StepClassifier(**config.classifier).fit(train[fp], train["faulty"].to_numpy()).save(run_dir / "classifiers" / task)
     results["files"] = {k: str(v) for k, v in write_report(results, run_dir, command).items()}
     results["markdown"] = markdown_table(results)
     return results
