@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from jaxtyping import Float, Int
+from torch import Tensor
 from transformers import PreTrainedModel
 
 from crv.lm.sites import hook_sites
@@ -21,16 +23,16 @@ from crv.lm.sites import hook_sites
 class ForwardCapture:
     """Frozen quantities of one forward pass (batch of one sequence)."""
 
-    ids: torch.Tensor  # [T]
-    embed: torch.Tensor  # [T, d] token embeddings (what token nodes write)
-    attn: torch.Tensor  # [L, H, T, T] attention patterns
-    scale_in: torch.Tensor  # [L, T] input_layernorm 1/rms
-    scale_post: torch.Tensor  # [L, T] post_attention_layernorm 1/rms
-    scale_final: torch.Tensor  # [T] final norm 1/rms
-    mlp_in: torch.Tensor  # [L, T, d]
-    mlp_out: torch.Tensor  # [L, T, d]
-    logits: torch.Tensor  # [T, V]
-    hidden: torch.Tensor  # [L + 1, T, d] residual stream before each layer and after the last (HF hidden_states)
+    ids: Int[Tensor, " T"]
+    embed: Float[Tensor, "T d"]  # token embeddings (what token nodes write)
+    attn: Float[Tensor, "L H T T"]  # attention patterns
+    scale_in: Float[Tensor, "L T"]  # input norm 1/rms
+    scale_post: Float[Tensor, "L T"]  # post-attention norm 1/rms
+    scale_final: Float[Tensor, " T"]  # final norm 1/rms
+    mlp_in: Float[Tensor, "L T d"]
+    mlp_out: Float[Tensor, "L T d"]
+    logits: Float[Tensor, "T V"]
+    hidden: Float[Tensor, "L_plus_1 T d"]  # residual stream before each layer and after the last (HF hidden_states)
 
     @property
     def n_pos(self) -> int:
@@ -43,7 +45,7 @@ def _inv_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def capture_forward(model: PreTrainedModel, ids: torch.Tensor) -> ForwardCapture:
+def capture_forward(model: PreTrainedModel, ids: Int[Tensor, " T"]) -> ForwardCapture:
     """Run ``ids`` ([T]) through the model once (eager attention) and record the frozen parts."""
     if ids.ndim != 1:
         raise ValueError(f"expected a 1-D tensor of token ids, got shape {tuple(ids.shape)}")

@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
+from jaxtyping import Float, Int
+from torch import Tensor
 from transformers import PreTrainedModel
 
 from crv.attribution.capture import capture_forward
@@ -228,11 +230,11 @@ class TraceAttribution:
         return self.lin.n_layers
 
     # ---------------------------------------------------------------- rows
-    def feature_rows(self, idx: torch.Tensor) -> torch.Tensor:
+    def feature_rows(self, idx: Int[Tensor, " B"]) -> Float[Tensor, "B n_sources"]:
         """Full edge rows (over all sources of the trace) of features ``idx``, computed once each."""
         return self.cache.gather(idx.to(self.lin.device), torch.arange(self.lin.n_sources, device=self.lin.device))
 
-    def logit_rows(self, pos: int, tokens: torch.Tensor) -> torch.Tensor:
+    def logit_rows(self, pos: int, tokens: Int[Tensor, " B"]) -> Float[Tensor, "B n_sources"]:
         dev = self.lin.device
         rows, _ = self.lin.rows(self.lin.n_layers, torch.full((len(tokens),), pos, device=dev),
                                 self.lin.logit_reading_vectors(pos, tokens.to(dev)))

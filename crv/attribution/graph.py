@@ -11,7 +11,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+from jaxtyping import Float, Int
+from torch import Tensor
 from safetensors.torch import load_file, save_file
 
 TENSOR_FIELDS = (
@@ -24,13 +25,13 @@ TENSOR_FIELDS = (
 class Graph:
     """One step's attribution graph."""
 
-    tokens: torch.Tensor  # [n_pos] input token ids
-    active_features: torch.Tensor  # [n_active, 3] (layer, position, feature) of every active feature
-    activation_values: torch.Tensor  # [n_active]
-    selected_features: torch.Tensor  # [n_selected] indices into active_features, ascending
-    adjacency: torch.Tensor  # [n_nodes, n_nodes], rows = targets, columns = sources
-    logit_tokens: torch.Tensor  # [n_logits] vocabulary ids of the logit nodes
-    logit_probabilities: torch.Tensor  # [n_logits]
+    tokens: Int[Tensor, " n_pos"]  # input token ids
+    active_features: Int[Tensor, "n_active 3"]  # (layer, position, feature) of every active feature
+    activation_values: Float[Tensor, " n_active"]
+    selected_features: Int[Tensor, " n_selected"]  # indices into active_features, ascending
+    adjacency: Float[Tensor, "n_nodes n_nodes"]  # rows = targets, columns = sources
+    logit_tokens: Int[Tensor, " n_logits"]  # vocabulary ids of the logit nodes
+    logit_probabilities: Float[Tensor, " n_logits"]
     n_layers: int
     meta: dict = field(default_factory=dict)  # step index, position, settings, checksums, text
 

@@ -26,6 +26,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from jaxtyping import Float, Int
+from torch import Tensor
 from transformers import PreTrainedModel
 
 from crv.attribution.capture import ForwardCapture
@@ -160,13 +162,13 @@ class LinearReplacement:
         return self.error_offset + layer * self.n_pos + pos
 
     # ------------------------------------------------------------------ targets
-    def feature_reading_vectors(self, idx: torch.Tensor) -> torch.Tensor:
+    def feature_reading_vectors(self, idx: Int[Tensor, " n"]) -> Float[Tensor, "n d"]:
         """Reading vectors at ``mid_l`` of features ``idx`` (pre-activation = v . mid_l[pos] + b_enc)."""
         layers, pos = self.features.layer[idx], self.features.pos[idx]
         w_post = torch.stack(self.w_post)[layers]  # [n, d]
         return self.enc[idx].float() * w_post * self.cap.scale_post[layers, pos][:, None]
 
-    def logit_reading_vectors(self, pos: int, tokens: torch.Tensor) -> torch.Tensor:
+    def logit_reading_vectors(self, pos: int, tokens: Int[Tensor, " n"]) -> Float[Tensor, "n d"]:
         """Reading vectors at ``r_L`` of the centred logits (logit minus its mean over the vocabulary)."""
         centred = self.W_U[tokens.to(self.W_U.device)].float() - self.W_U_mean
         return centred * self.w_final * self.cap.scale_final[pos]
@@ -219,7 +221,8 @@ class LinearReplacement:
         # factored: R*H*T^2 (coefficients) + R*(1+H)*T*d (densify for the edges); dense: T^2*d
         return self.factored and R * self.n_heads * T * T + R * (1 + self.n_heads) * T * self.d < T * T * self.d
 
-    def rows(self, layer: int, pos: torch.Tensor, vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def rows(self, layer: int, pos: Int[Tensor, " B"], vectors: Float[Tensor, "B d"]
+             ) -> tuple[Float[Tensor, "B n_sources"], Float[Tensor, " B"]]:
         """Edge rows for targets reading ``vectors`` at ``mid_layer`` (or ``r_L`` when ``layer == n_layers``).
 
         Returns ``rows [B, n_sources]`` and ``bias [B]``, the part of each target that comes from

@@ -19,6 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from jaxtyping import Float
+from torch import Tensor
 
 from crv.attribution.graph import Graph
 
@@ -72,7 +74,7 @@ def edge_influence(adjacency: torch.Tensor, logit_weights: torch.Tensor) -> torc
     return b * target_influence[:, None]
 
 
-def graph_influence(graph: Graph) -> torch.Tensor:
+def graph_influence(graph: Graph) -> Float[Tensor, " n_nodes"]:
     """:func:`node_influence` of a step graph's adjacency, by one top-down pass over its layer blocks.
 
     Error and token rows are zero and a layer-``l`` feature's row is zero on features of layers ``>= l``,

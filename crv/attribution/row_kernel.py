@@ -19,6 +19,8 @@ same rows.
 from __future__ import annotations
 
 import torch
+from jaxtyping import Float, Int
+from torch import Tensor
 
 from crv.attribution.linear import LinearReplacement
 
@@ -104,7 +106,7 @@ class RowKernel:
         lin = self.lin
         return lin.layer_offsets[layer] + layer * lin.n_pos + lin.n_pos
 
-    def rows(self, layer: int, idx: torch.Tensor) -> torch.Tensor:
+    def rows(self, layer: int, idx: Int[Tensor, " B"]) -> Float[Tensor, "B columns"]:
         """Compact rows ``[len(idx), columns(layer)]`` of features ``idx`` (all of layer ``layer``)."""
         lin, dev = self.lin, self.lin.device
         pos, vectors = lin.features.pos[idx], lin.feature_reading_vectors(idx)
