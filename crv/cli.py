@@ -598,15 +598,17 @@ def train_verifier_cmd(
     steps: list[Path] = typer.Argument(..., help="Step tables (steps.parquet or fingerprints.parquet of `crv evaluate`)."),
     out: Optional[Path] = typer.Option(None, help="Writes <out>.xgb.json and <out>.meta.json (default: models/classifiers/default)."),
     task: list[str] = typer.Option([], help="Only these tasks' steps (default: all)."),
-    model: Optional[Path] = typer.Option(None, help="The Llama the fingerprints came from (default: the shipped reasoner)."),
-    transcoders: Optional[Path] = typer.Option(None, help="Their transcoders (default: the shipped set)."),
-    max_feature_nodes: int = typer.Option(1024, help="Feature-node cap the fingerprints were computed with."),
-    step_target: str = typer.Option("last", help="Step target the fingerprints were computed at."),
+    model: Optional[Path] = typer.Option(None, help="For tables that do not record it: the model the fingerprints came from (default: the shipped reasoner)."),
+    transcoders: Optional[Path] = typer.Option(None, help="For tables that do not record it: their transcoders (default: the shipped set)."),
+    max_feature_nodes: int = typer.Option(1024, help="For tables that do not record it: the feature-node cap of the fingerprints."),
+    step_target: str = typer.Option("last", help="For tables that do not record it: the step target of the fingerprints."),
 ) -> None:
-    """Fit the CRV verifier (xgboost on fingerprints) on every labelled step of the tables and save it."""
+    """Fit the CRV verifier (xgboost on fingerprints) on every labelled step of the tables and save it, with the
+    settings that produced the tables (recorded in them by `crv evaluate`) as its provenance."""
+    import json
+
     import pandas as pd
 
-    from crv.attribution.attributor import Attributor
     from crv.classify.model import DEFAULT_CLASSIFIER, StepClassifier
     from crv.extract.steps import column_groups
 
@@ -614,20 +616,30 @@ def train_verifier_cmd(
     missing = [str(p) for p in steps if not p.is_file()]
     if missing:
         raise typer.BadParameter(f"no such step table: {', '.join(missing)}")
-    table = pd.concat([pd.read_parquet(p) for p in steps], ignore_index=True)
+    tables = [pd.read_parquet(p) for p in steps]
+    recorded = {json.dumps(t.attrs.get("settings"), sort_keys=True) for t in tables}
+    if len(recorded) > 1:
+        raise typer.BadParameter("the step tables were made with different settings (model, transcoders or graph "
+                                 "settings); train one verifier per setting")
+    table = pd.concat(tables, ignore_index=True)
     if task:
         table = table[table["task"].isin(task)]
     if table.empty or table["faulty"].nunique() < 2:
         raise typer.BadParameter("the tables need both faulty and correct steps")
     fp = column_groups(table)["fingerprint"]
     clf = StepClassifier().fit(table[fp], table["faulty"].to_numpy())
-    att = Attributor.load(model, transcoders)
-    clf.meta_["provenance"] = {
-        "tables": [str(p) for p in steps], "tasks": sorted(table["task"].unique().tolist()),
-        "model": att.model_id, "transcoders": att.transcoders.checksum(),
-        "attribution": {"max_feature_nodes": max_feature_nodes, "step_target": step_target},
-        "command": "crv " + " ".join(sys.argv[1:]),
-    }
+    settings = json.loads(recorded.pop())
+    if settings is not None:
+        made = {"model": settings["model"], "prompt_format": settings["prompt_format"], "transcoders": settings["transcoders"],
+                "attribution": {**settings["attribution"], "step_target": settings["target"]}}
+    else:  # a table from before the settings were recorded: the options say what made it
+        from crv.attribution.attributor import Attributor
+
+        att = Attributor.load(model, transcoders)
+        made = {"model": att.model_id, "prompt_format": att.prompt_format, "transcoders": att.transcoders.checksum(),
+                "attribution": {"max_feature_nodes": max_feature_nodes, "step_target": step_target}}
+    clf.meta_["provenance"] = {"tables": [str(p) for p in steps], "tasks": sorted(table["task"].unique().tolist()),
+                               **made, "command": "crv " + " ".join(sys.argv[1:])}
     clf.save(out)
     typer.echo(f"trained on {len(table)} steps ({int(table['faulty'].sum())} faulty) -> {out}.xgb.json, {out}.meta.json")
 

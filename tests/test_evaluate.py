@@ -78,6 +78,20 @@ def test_evaluate_end_to_end(tmp_path):
     fps = pd.read_parquet(graph_dir / "fingerprints.parquet")
     assert len(fps) == sum(len(r.steps) for r in records) and fps["faulty"].sum() == 16
     assert (run_dir / "classifiers" / "arith.xgb.json").is_file()
+    # train-verifier records what made the table (its settings travel in the parquet file), not what it is told
+    verifier = tmp_path / "verifier" / "v"
+    result = CliRunner().invoke(app, ["train-verifier", str(run_dir / "steps.parquet"), "--out", str(verifier),
+                                      "--max-feature-nodes", "999"])
+    assert result.exit_code == 0, result.output
+    prov = json.loads(verifier.with_name("v.meta.json").read_text())["provenance"]
+    assert prov["model"] == out["model"]["id"] and prov["attribution"]["max_feature_nodes"] == 64
+    assert prov["attribution"]["step_target"] == "last" and prov["tasks"] == ["arith", "bool"]
+    other = pd.read_parquet(run_dir / "steps.parquet")
+    other.attrs["settings"] = {**other.attrs["settings"], "transcoders": "another set"}
+    other.to_parquet(tmp_path / "other.parquet")
+    result = CliRunner().invoke(app, ["train-verifier", str(run_dir / "steps.parquet"), str(tmp_path / "other.parquet"),
+                                      "--out", str(verifier)])
+    assert result.exit_code != 0 and "different settings" in result.output
     # a second run reuses the cached graphs and gives the same fingerprints
     from crv.extract import TraceStore
 

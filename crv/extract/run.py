@@ -37,7 +37,8 @@ def build_step_table(att: Attributor, records: Iterable[Record], graph_dir: str 
                      progress: bool = True, target: str = "last", extra_targets: tuple[str, ...] = (),
                      executor: Executor | None = None,
                      archive: str | Path | FingerprintArchive | None = None) -> pd.DataFrame:
-    """The step table of a labelled dataset (columns: :mod:`crv.extract.steps`), in record order.
+    """The step table of a labelled dataset (columns: :mod:`crv.extract.steps`), in record order; its
+    ``attrs["settings"]`` are :func:`extraction_settings` (model, prompt format, transcoders, attribution, target).
 
     With ``graph_dir`` each trace's rows and pruned graphs are stored there as soon as they are
     computed (:class:`~crv.extract.store.TraceStore`), and traces already stored with the same
@@ -78,7 +79,9 @@ def build_step_table(att: Attributor, records: Iterable[Record], graph_dir: str 
     finally:
         if store is not None:
             store.record_run(settings, len(records), sum(1 for i in todo if i in entries))
-    return pd.concat([entries[i].rows for i in range(len(records))], ignore_index=True)
+    table = pd.concat([entries[i].rows for i in range(len(records))], ignore_index=True)
+    table.attrs["settings"] = settings  # what produced the table (kept in its parquet file): `crv train-verifier` reads it
+    return table
 
 
 def archive_fingerprints(att: Attributor, records: Iterable[Record], graph_dir: str | Path,
