@@ -4,6 +4,8 @@
     python benchmarks/evaluation.py --build-only         # graphs and step tables only (resumable)
     python benchmarks/evaluation.py --records-only       # solve and label the problems only
     python benchmarks/evaluation.py --archive-only       # graph store -> committed fingerprint archives
+    python benchmarks/evaluation.py --model runs/smollm2-ft700 --transcoders runs/smollm2-ft-transcoders \
+        --key smollm2 --arith 4=300 5=300 --bool 6=200 --seeds 2027   # another model: evaluation.json["smollm2"]
 
 Several processes (or machines sharing the graph store) build one seed's graphs together with
 ``--shard I/N`` (each computes every N-th trace from the I-th and stores it); a final
@@ -59,7 +61,7 @@ from crv.tasks.schema import Record, read_records, write_records
 RESULTS = Path(__file__).parent / "results"
 KEEP = ("n_steps", "n_faulty", "n_problems", "n_test_steps", "n_test_faulty", "scoring", "folds", "ci_method", "n_boot",
         "methods", "paired_vs_crv", "crv_plus_confidence_vs_best_confidence", "per_n", "ablation_auroc",
-        "chosen_on_train", "ms_per_step")
+        "first_error", "chosen_on_train", "ms_per_step")
 
 
 def counts(spec: list[str]) -> dict[int, int]:
@@ -144,9 +146,14 @@ def main() -> None:
     ap.add_argument("--prm-epochs", type=int, default=PRMConfig().epochs, help="0: no PRM baselines")
     ap.add_argument("--seed-prm", action="store_true", help="also train the PRMs in each per-seed evaluation (slow)")
     ap.add_argument("--extra-target", nargs="*", default=["uncertain"], help="also CRV on graphs at these step targets")
-    ap.add_argument("--run-dir", type=Path, default=Path("runs/benchmark-evaluation"))
-    ap.add_argument("--graph-dir", type=Path, default=Path("graphs/benchmark-evaluation"))
-    ap.add_argument("--data-dir", type=Path, default=Path(__file__).parent / "data" / "evaluation",
+    ap.add_argument("--model", type=Path, default=None, help="model directory (default: the shipped reasoner)")
+    ap.add_argument("--transcoders", type=Path, default=None, help="its transcoder set (default: the shipped one)")
+    ap.add_argument("--key", default=None,
+                    help="write the figures under evaluation.json[KEY] (another model's section; the shipped reasoner's "
+                         "top-level keys are kept) and use <dir>-KEY for the default run, graph and data directories")
+    ap.add_argument("--run-dir", type=Path, default=None, help="default: runs/benchmark-evaluation[-KEY]")
+    ap.add_argument("--graph-dir", type=Path, default=None, help="default: graphs/benchmark-evaluation[-KEY]")
+    ap.add_argument("--data-dir", type=Path, default=None,
                     help="records and fingerprint archives per seed (committed: a later session rebuilds the tables "
                          "from them with forward passes only)")
     ap.add_argument("--archive-only", action="store_true",
@@ -162,9 +169,14 @@ def main() -> None:
     if sum([args.build_only, args.records_only, args.evaluate_only, args.archive_only, args.shard is not None]) > 1:
         ap.error("--build-only, --records-only, --evaluate-only, --archive-only and --shard are exclusive")
     torch.set_num_threads(args.threads)
+    suffix = f"-{args.key}" if args.key else ""
+    args.run_dir = args.run_dir or Path(f"runs/benchmark-evaluation{suffix}")
+    args.graph_dir = args.graph_dir or Path(f"graphs/benchmark-evaluation{suffix}")
+    args.data_dir = args.data_dir or Path(__file__).parent / "data" / f"evaluation{suffix}"
     command = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/evaluation.py", *sys.argv[1:]])
     extra = tuple(args.extra_target)
-    att = Attributor.load(config=AttributionConfig(max_feature_nodes=args.max_feature_nodes or None), device=args.device)
+    att = Attributor.load(args.model, args.transcoders, AttributionConfig(max_feature_nodes=args.max_feature_nodes or None),
+                          device=args.device)
     tasks = {"arith": counts(args.arith), "bool": counts(args.bool)}
 
     start = time.time()
@@ -237,20 +249,24 @@ def main() -> None:
                 "bool_count_per_n": tasks["bool"], "seeds": list(tables), "seeds_requested": args.seeds,
                 "folds": args.folds, "n_boot": args.n_boot, "prm_epochs": args.prm_epochs,
                 "seed_evaluations_with_prm": bool(args.seed_prm and prm), "threads": args.threads,
-                "build_seconds": round(build_seconds), "step_target": "last", "extra_targets": list(extra)}
+                "build_seconds": round(build_seconds), "step_target": "last", "extra_targets": list(extra),
+                "model": str(args.model or "models/reasoner"), "transcoders": str(args.transcoders or "models/transcoders")}
     if len(tables) > 1:  # the pooled figures first, so that a stop during the per-seed evaluations loses nothing
-        write_figures(results, {}, tasks, {**settings, "eval_seconds": round(time.time() - t0)}, command, args.run_dir)
+        write_figures(results, {}, tasks, {**settings, "eval_seconds": round(time.time() - t0)}, command, args.run_dir,
+                      args.key)
     text = TextInputs(att.model, att.encoder, {r.problem_id: r for r in pooled_records}) if args.seed_prm and prm else None
     # each seed's evaluation is kept in its run folder: a stop among them loses only the one in progress
     per_seed = ([stored_evaluation(tables[s], seed_cfg, args.run_dir / f"seed-{s}" / "evaluation.json", text, progress=True)
                  for s in tables] if len(tables) > 1 else [results])
     write_figures(results, seed_spread(per_seed), tasks, {**settings, "eval_seconds": round(time.time() - t0)},
-                  command, args.run_dir)
+                  command, args.run_dir, args.key)
 
 
-def write_figures(results: dict, spread: dict, tasks: dict, settings: dict, command: str, run_dir: Path) -> None:
+def write_figures(results: dict, spread: dict, tasks: dict, settings: dict, command: str, run_dir: Path,
+                  key: str | None = None) -> None:
     """The report in ``run_dir`` and the figures under ``benchmarks/results/`` (``spread``: per task, each
-    method's AUROC across the seeds' evaluations; empty until they ran)."""
+    method's AUROC across the seeds' evaluations; empty until they ran): the shipped reasoner's at the top level
+    of evaluation.json, another model's under ``key``; the other model's figures in the file are kept."""
     results["seeds"] = spread
     results["files"] = {k: str(v) for k, v in write_report(results, run_dir, command).items()}
     results["markdown"] = markdown_table(results)
@@ -268,9 +284,19 @@ def write_figures(results: dict, spread: dict, tasks: dict, settings: dict, comm
     out["settings"] = settings
     out["command"] = command
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "evaluation.json").write_text(json.dumps(out, indent=2, default=float) + "\n")
-    (RESULTS / "evaluation.md").write_text(f"# Evaluation\n\n`{command}`\n\n{results['markdown']}\n")
-    shutil.copy(run_dir / "summary.png", RESULTS / "evaluation.png")
+    path = RESULTS / "evaluation.json"
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    if key:
+        data = {**old, key: out}
+    else:  # the reasoner's sections replace the top level; other models' sections stay
+        data = {**{k: v for k, v in old.items() if k not in out and k not in tasks and isinstance(v, dict)
+                   and "settings" in v}, **out}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=float) + "\n")
+    tmp.replace(path)
+    suffix = f"-{key}" if key else ""
+    (RESULTS / f"evaluation{suffix}.md").write_text(f"# Evaluation\n\n`{command}`\n\n{results['markdown']}\n")
+    shutil.copy(run_dir / "summary.png", RESULTS / f"evaluation{suffix}.png")
     print(f"wrote {RESULTS / 'evaluation.json'} (build {settings['build_seconds']} s, "
           f"evaluation {settings['eval_seconds']} s)", flush=True)
 
