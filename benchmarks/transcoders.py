@@ -5,7 +5,9 @@
 
 Per layer: FVU, L0 and dead-feature fraction; for the replacement model (all MLPs
 replaced at once): next-token argmax agreement and mean KL on CoT tokens.
-Targets (issue 5): FVU <= 0.10 per layer, dead <= 10%, agreement >= 95%.
+Targets: the shipped reasoner's set (issue 5) FVU <= 0.10 per layer, dead <= 10%, agreement >= 95%; a real
+model's set (``--key``, issue 39) median FVU <= 0.15, every layer <= 0.30, dead <= 20%, and on the predictions
+of assistant tokens agreement >= 80% and mean KL <= 0.5 nats.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 
 from crv.lm.load import DEFAULT_MODEL_DIR, load_model
 from crv.lm.encode import trace_encoder
-from crv.transcoders.activations import cot_sequences
+from crv.transcoders.activations import cot_examples
 from crv.transcoders.io import DEFAULT_TRANSCODER_DIR, load_transcoders
 from crv.transcoders.metrics import layer_quality, replacement_quality
 
@@ -44,16 +46,34 @@ def main() -> None:
     model, tok = load_model(args.model)
     ts = load_transcoders(args.transcoders, model=model)
     encoder = trace_encoder(tok, args.model, args.prompt_format)
-    seqs = cot_sequences(encoder, random.Random(HELD_OUT_SEED), args.sequences)
+    examples = cot_examples(encoder, random.Random(HELD_OUT_SEED), args.sequences)
+    seqs, starts = [ids for ids, _ in examples], [s for _, s in examples]
     layers = layer_quality(model, ts, seqs, tok.pad_token_id, batch=8)
     repl = replacement_quality(model, ts, seqs, tok.pad_token_id, batch=8)
+    assistant = replacement_quality(model, ts, seqs, tok.pad_token_id, batch=8, starts=starts)
     for q in layers:
         print(f"layer {q.layer}: FVU {q.fvu:.4f}  L0 {q.l0:.1f}  dead {q.dead_fraction:.3f}")
-    print(f"replacement: argmax agreement {repl.argmax_agreement:.4f}  mean KL {repl.mean_kl:.5f}")
-    ok = all(q.fvu <= 0.10 and q.dead_fraction <= 0.10 for q in layers) and repl.argmax_agreement >= 0.95
+    print(f"replacement: argmax agreement {repl.argmax_agreement:.4f}  mean KL {repl.mean_kl:.5f}; on assistant "
+          f"tokens {assistant.argmax_agreement:.4f}, {assistant.mean_kl:.5f}")
+    fvus = sorted(q.fvu for q in layers)
+    median_fvu = fvus[len(fvus) // 2] if len(fvus) % 2 else (fvus[len(fvus) // 2 - 1] + fvus[len(fvus) // 2]) / 2
+    if args.key:  # a real model's set (issue 39): median FVU <= .15, every layer <= .30, dead <= .20, agreement on
+        # assistant tokens >= .80 and mean KL <= .5 nats there
+        targets = {"median_fvu_le_0.15": median_fvu <= 0.15, "every_layer_fvu_le_0.30": fvus[-1] <= 0.30,
+                   "dead_le_0.20": all(q.dead_fraction <= 0.20 for q in layers),
+                   "assistant_agreement_ge_0.80": assistant.argmax_agreement >= 0.80,
+                   "assistant_kl_le_0.5": assistant.mean_kl <= 0.5}
+    else:  # the shipped reasoner's set (issue 5)
+        targets = {"fvu_le_0.10": fvus[-1] <= 0.10, "dead_le_0.10": all(q.dead_fraction <= 0.10 for q in layers),
+                   "agreement_ge_0.95": repl.argmax_agreement >= 0.95}
+    ok = all(targets.values())
     result = {
         "layers": [{k: (round(v, 5) if isinstance(v, float) else v) for k, v in asdict(q).items()} for q in layers],
         "replacement": {"argmax_agreement": round(repl.argmax_agreement, 5), "mean_kl": round(repl.mean_kl, 6)},
+        "replacement_assistant": {"argmax_agreement": round(assistant.argmax_agreement, 5),
+                                  "mean_kl": round(assistant.mean_kl, 6)},
+        "median_fvu": round(median_fvu, 5),
+        "targets": targets,
         "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
         "train_command": ts.config.get("crv", {}).get("command"),
         "train_seconds": ts.config.get("crv", {}).get("seconds"),

@@ -218,3 +218,33 @@ def test_pooled_training_resumes_bit_exactly(tiny_reasoner_dir, tmp_path, monkey
     x, y = pool.batch(3)
     assert x.shape == (model.config.num_hidden_layers, 128, model.config.hidden_size) and x.dtype == torch.float32
     assert pool.per_epoch == 4 and not torch.equal(pool.batch(0)[0], pool.batch(4)[0])  # a new permutation each epoch
+
+
+def test_replacement_quality_on_assistant_tokens_counts_only_their_predictions():
+    """``starts`` = each trace's first step token; the metric equals a direct computation over the logits that
+    predict the assistant tokens (and differs from the all-token one)."""
+    import torch.nn.functional as F
+
+    from crv.transcoders.activations import cot_examples
+    from crv.transcoders.metrics import replacement_quality
+
+    model, tok = load_model()
+    ts = load_transcoders(DEFAULT_TRANSCODER_DIR, model=model)
+    enc = TraceEncoder(tok, PlainFormat())
+    examples = cot_examples(enc, random.Random(7), 6, n_max=3)
+    seqs, starts = [e for e, _ in examples], [s for _, s in examples]
+    for ids, s in examples:  # the assistant part is the steps and the answer line
+        assert tok.decode(ids[:s]).endswith("\n") and "A: " in tok.decode(ids[s:]) and "A: " not in tok.decode(ids[:s])
+    agree, kl, n = 0, 0.0, 0
+    with torch.no_grad():
+        for ids, s in examples:
+            x = torch.tensor([ids])
+            logp = F.log_softmax(model(input_ids=x).logits[0, s - 1 : len(ids) - 1].float(), -1)
+            with replaced_mlps(model, ts):
+                logq = F.log_softmax(model(input_ids=x).logits[0, s - 1 : len(ids) - 1].float(), -1)
+            agree += int((logp.argmax(-1) == logq.argmax(-1)).sum())
+            kl += float((logp.exp() * (logp - logq)).sum())
+            n += logp.shape[0]
+    q = replacement_quality(model, ts, seqs, tok.pad_token_id, batch=4, starts=starts)
+    assert q.argmax_agreement == pytest.approx(agree / n) and q.mean_kl == pytest.approx(kl / n, rel=1e-4)
+    assert replacement_quality(model, ts, seqs, tok.pad_token_id, batch=4).mean_kl != pytest.approx(q.mean_kl, rel=1e-4)

@@ -47,16 +47,23 @@ def mlp_io(model: PreTrainedModel, ids: torch.Tensor) -> tuple[torch.Tensor, tor
     return torch.stack(inputs), torch.stack(outputs)
 
 
-def cot_sequences(encoder: TraceEncoder, rng: random.Random, count: int, n_max: int = 10,
-                  config: GeneratorConfig = GeneratorConfig(), task: str | None = None) -> list[list[int]]:
-    """Token ids of canonical CoT traces (prompt, steps, answer line), n uniform in 1..n_max, of ``task``
-    (default: each sequence's task drawn at random)."""
-    seqs = []
+def cot_examples(encoder: TraceEncoder, rng: random.Random, count: int, n_max: int = 10,
+                 config: GeneratorConfig = GeneratorConfig(), task: str | None = None) -> list[tuple[list[int], int]]:
+    """Canonical CoT traces as ``(token ids, index of the first assistant token)``: prompt, steps and answer line,
+    n uniform in 1..n_max, of ``task`` (default: each sequence's task drawn at random)."""
+    out = []
     for i in range(count):
         task_i = task or rng.choice(TASKS)
         p = make_problem(task_i, rng.randint(1, n_max), rng, f"act-{i}", config)  # type: ignore[arg-type]
-        seqs.append(encoder.prefix(p.task, p.question, [*p.steps, ANSWER_PREFIX + p.answer]))
-    return seqs
+        out.append((encoder.prefix(p.task, p.question, [*p.steps, ANSWER_PREFIX + p.answer]),
+                    len(encoder.prefix(p.task, p.question, []))))
+    return out
+
+
+def cot_sequences(encoder: TraceEncoder, rng: random.Random, count: int, n_max: int = 10,
+                  config: GeneratorConfig = GeneratorConfig(), task: str | None = None) -> list[list[int]]:
+    """Token ids of :func:`cot_examples`."""
+    return [ids for ids, _ in cot_examples(encoder, rng, count, n_max, config, task)]
 
 
 def shared_prefix(seqs: list[list[int]]) -> int:

@@ -79,12 +79,20 @@ def layer_quality(
 
 @torch.no_grad()
 def replacement_quality(
-    model: PreTrainedModel, transcoders: TranscoderSet, seqs: Sequence[list[int]], pad_id: int, batch: int = 32
+    model: PreTrainedModel, transcoders: TranscoderSet, seqs: Sequence[list[int]], pad_id: int, batch: int = 32,
+    starts: Sequence[int] | None = None,
 ) -> ReplacementQuality:
-    """Next-token argmax agreement and mean KL between the model and its replacement (all MLPs at once)."""
+    """Next-token argmax agreement and mean KL(model || replacement) between the model and its replacement (all
+    MLPs at once), over the tokens :func:`encode_batch` counts; with ``starts`` (each sequence's first assistant
+    token), over the predictions of the assistant tokens only (the logits at positions ``start - 1 .. len - 2``)."""
     agree, kl, count = 0.0, 0.0, 0
     for start in range(0, len(seqs), batch):
-        ids, mask = encode_batch(list(seqs[start : start + batch]), pad_id)
+        chunk = list(seqs[start : start + batch])
+        ids, mask = encode_batch(chunk, pad_id)
+        if starts is not None:
+            mask = torch.zeros_like(mask)
+            for row, (seq, first) in enumerate(zip(chunk, starts[start : start + batch])):
+                mask[row, max(first - 1, 0) : len(seq) - 1] = True
         logp = F.log_softmax(model(input_ids=ids).logits[mask].float(), -1)
         with replaced_mlps(model, transcoders):
             logq = F.log_softmax(model(input_ids=ids).logits[mask].float(), -1)
