@@ -81,13 +81,14 @@ class Method:
     grouped: bool = False
 
 
-def _on(columns: Callable[[dict[str, list[str]]], list[str]], model: Callable[[EvalConfig], object],
-        as_numpy: bool = False) -> Callable[[dict[str, list[str]], EvalConfig], Pipeline]:
+def on_columns(columns: Callable[[dict[str, list[str]]], list[str]], model: Callable[[EvalConfig], object],
+               as_numpy: bool = False) -> Callable[[dict[str, list[str]], EvalConfig], Pipeline]:
+    """A :attr:`Method.build`: ``Pipeline([("columns", Columns(columns(groups), as_numpy)), ("model", model(cfg))])``."""
     return lambda g, cfg: Pipeline([("columns", Columns(columns(g), as_numpy)), ("model", model(cfg))])
 
 
 def _crv(*group_names: str) -> Callable[[dict[str, list[str]], EvalConfig], Pipeline]:
-    return _on(lambda g: [c for name in group_names for c in g[name]], lambda cfg: StepClassifier(**cfg.classifier))
+    return on_columns(lambda g: [c for name in group_names for c in g[name]], lambda cfg: StepClassifier(**cfg.classifier))
 
 
 def _top_features(name: str) -> Callable[[Pipeline], dict]:
@@ -95,7 +96,7 @@ def _top_features(name: str) -> Callable[[Pipeline], dict]:
 
 
 def _score(column: str, sign: float = 1.0, offset: float = 0.0) -> Callable[[dict[str, list[str]], EvalConfig], Pipeline]:
-    return _on(lambda g: [column], lambda cfg: ColumnScore(sign, offset))
+    return on_columns(lambda g: [column], lambda cfg: ColumnScore(sign, offset))
 
 
 #: the temperature-scaled MaxProb columns, by temperature
@@ -108,7 +109,7 @@ def _hidden(g: dict[str, list[str]]) -> list[str]:
 
 def _probe_method(name: str, description: str, probe: Callable[[EvalConfig], object]) -> Method:
     return Method(name, description,
-                  _on(_hidden, lambda cfg: BestGroupProbe(probe(cfg), None, cfg.probe_folds, cfg.seed)),
+                  on_columns(_hidden, lambda cfg: BestGroupProbe(probe(cfg), None, cfg.probe_folds, cfg.seed)),
                   lambda fitted: {f"{name}_layer": fitted[-1].layer_}, grouped=True)
 
 
@@ -116,12 +117,12 @@ def _probe_method(name: str, description: str, probe: Callable[[EvalConfig], obj
 REGISTRY: dict[str, Method] = {m.name: m for m in (
     Method("crv", "CRV: xgboost on the attribution-graph fingerprint", _crv("fingerprint"), _top_features("crv")),
     Method("crv_gbc", "CRV with sklearn GradientBoostingClassifier defaults (paper parity)",
-           _on(lambda g: g["fingerprint"], lambda cfg: paper_parity_classifier(cfg.seed), as_numpy=True)),
+           on_columns(lambda g: g["fingerprint"], lambda cfg: paper_parity_classifier(cfg.seed), as_numpy=True)),
     Method("maxprob", "1 - mean max token probability", _score("bb.maxprob", -1.0, 1.0)),
     Method("ppl", "perplexity of the step's tokens", _score("bb.ppl")),
     Method("entropy", "mean predictive entropy", _score("bb.entropy")),
     Method("temp_scaling", "1 - mean max probability at the temperature best on the training split",
-           _on(lambda g: list(TEMPERATURE_COLUMNS.values()), lambda cfg: BestColumn(-1.0, 1.0)),
+           on_columns(lambda g: list(TEMPERATURE_COLUMNS.values()), lambda cfg: BestColumn(-1.0, 1.0)),
            lambda fitted: {"temperature": {c: t for t, c in TEMPERATURE_COLUMNS.items()}[fitted[-1].column_]}),
     Method("energy", "mean energy score -logsumexp(logits)", _score("bb.energy")),
     _probe_method("lr_probe", "logistic regression on mean-pooled hidden states (layer chosen on the training split)",
