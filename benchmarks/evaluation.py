@@ -52,6 +52,7 @@ from crv.evaluate.methods import EvalConfig, TextInputs
 from crv.evaluate.pipeline import run_evaluation
 from crv.evaluate.prm import PRMConfig
 from crv.evaluate.report import markdown_table, write_report
+from crv.evaluate.results import EvaluationResults
 from crv.evaluate.run import seed_spread, stored_evaluation
 from crv.extract import FingerprintArchive, archive_fingerprints, build_step_table, trace_keys
 from crv.reasoner.generate import generate_records
@@ -262,25 +263,26 @@ def main() -> None:
                   command, args.run_dir, args.key)
 
 
-def write_figures(results: dict, spread: dict, tasks: dict, settings: dict, command: str, run_dir: Path,
+def write_figures(results: EvaluationResults, spread: dict, tasks: dict, settings: dict, command: str, run_dir: Path,
                   key: str | None = None) -> None:
     """The report in ``run_dir`` and the figures under ``benchmarks/results/`` (``spread``: per task, each
     method's AUROC across the seeds' evaluations; empty until they ran): the shipped reasoner's at the top level
     of evaluation.json, another model's under ``key``; the other model's figures in the file are kept."""
-    results["seeds"] = spread
-    results["files"] = {k: str(v) for k, v in write_report(results, run_dir, command).items()}
-    results["markdown"] = markdown_table(results)
-    print(results["markdown"])
+    results.extra["seeds"] = spread
+    results.extra["files"] = {k: str(v) for k, v in write_report(results, run_dir, command).items()}
+    results.extra["markdown"] = markdown_table(results)
+    print(results.extra["markdown"])
     out: dict = {}
     for task in tasks:
-        r = results.get(task)
+        r = results.tasks.get(task)
         if r is None:
-            out[task] = {"skipped": results["skipped"].get(task, "its step tables are not complete yet (build still running)")}
+            out[task] = {"skipped": results.skipped.get(task, "its step tables are not complete yet (build still running)")}
             continue
-        out[task] = {k: r[k] for k in KEEP if k in r}
+        section = r.to_dict()
+        out[task] = {k: section[k] for k in KEEP if k in section}
         out[task]["seeds"] = spread.get(task, {})
-    out["transfer"] = results["transfer"]
-    out["transfer_trained_on_both"] = results["transfer_trained_on_both"]
+    out["transfer"] = results.transfer
+    out["transfer_trained_on_both"] = results.transfer_trained_on_both
     out["settings"] = settings
     out["command"] = command
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -295,7 +297,7 @@ def write_figures(results: dict, spread: dict, tasks: dict, settings: dict, comm
     tmp.write_text(json.dumps(data, indent=2, default=float) + "\n")
     tmp.replace(path)
     suffix = f"-{key}" if key else ""
-    (RESULTS / f"evaluation{suffix}.md").write_text(f"# Evaluation\n\n`{command}`\n\n{results['markdown']}\n")
+    (RESULTS / f"evaluation{suffix}.md").write_text(f"# Evaluation\n\n`{command}`\n\n{results.extra['markdown']}\n")
     shutil.copy(run_dir / "summary.png", RESULTS / f"evaluation{suffix}.png")
     print(f"wrote {RESULTS / 'evaluation.json'} (build {settings['build_seconds']} s, "
           f"evaluation {settings['eval_seconds']} s)", flush=True)

@@ -589,8 +589,8 @@ def evaluate_cmd(
     results = run_evaluation(records, att, run_dir, graph_dir or Path("graphs") / run_dir.name,
                              eval_config, command="crv " + " ".join(sys.argv[1:]),
                              target=step_target, extra_targets=tuple(extra_target), executor=runner, archive=archive)
-    typer.echo("\n" + results["markdown"])
-    typer.echo("\nwrote " + ", ".join(results["files"].values()))
+    typer.echo("\n" + results.extra["markdown"])
+    typer.echo("\nwrote " + ", ".join(results.extra["files"].values()))
 
 
 @app.command("train-verifier")
@@ -819,8 +819,8 @@ def demo_cmd(
     results = run_evaluation(records, att, out_dir, Path("graphs") / "demo", EvalConfig(n_boot=200),
                              command="crv demo " + " ".join(sys.argv[2:]))
     typer.echo("\nStep verification on held-out problems (percent; faulty = positive class):\n")
-    typer.echo(results["markdown"])
-    typer.echo("\nwrote " + ", ".join(results["files"].values()))
+    typer.echo(results.extra["markdown"])
+    typer.echo("\nwrote " + ", ".join(results.extra["files"].values()))
 
     # interventions: the shipped verifier flags faulty steps; edit the features its graph rests on
     clf = StepClassifier.load(DEFAULT_CLASSIFIER)

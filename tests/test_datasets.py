@@ -101,11 +101,11 @@ def test_free_form_task_records_pass_through_evaluate(tmp_path):
     write_records(records, tmp_path / "puzzles.jsonl")
     results = run_evaluation(records, att, tmp_path / "run", tmp_path / "graphs", EvalConfig(n_boot=20, prm=None),
                              command="test")
-    methods = results["my-puzzles"]["methods"]
+    methods = results.tasks["my-puzzles"].methods
     assert "crv" in methods and any(m.startswith("bb.") or m in ("max_prob", "entropy", "ppl") for m in methods), methods
     assert 0.0 <= methods["crv"]["auroc"] <= 1.0
     # no difficulty n: one per-n row holding every step, and the report's plot says so
-    per_n = results["my-puzzles"]["per_n"]
+    per_n = results.tasks["my-puzzles"].per_n
     assert set(per_n) == {"None"} and per_n["None"]["n_steps"] == sum(len(r.steps) for r in records)
     assert (tmp_path / "run" / "summary.png").stat().st_size > 0
 

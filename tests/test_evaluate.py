@@ -167,7 +167,7 @@ def test_out_of_fold_never_scores_a_step_with_a_model_that_saw_its_problem(step_
     monkeypatch.setattr(ProcessRewardModel, "score", spy_prm_score)
     cfg = EvalConfig(folds=4, n_boot=50, prm=PRMConfig(epochs=1, crossfit_folds=2))
     text = TextInputs(att.model, att.encoder, {r.problem_id: r for r in records})
-    out = evaluate_table(arith, cfg, text)["arith"]
+    out = evaluate_table(arith, cfg, text).tasks["arith"].to_dict()
     assert out["scoring"] == "out_of_fold" and out["ci_method"] == "problem_bootstrap" and out["folds"] == 4
     # every step is scored (once per CRV-type classifier), all steps count
     assert out["n_test_steps"] == len(arith) and out["n_test_faulty"] == out["n_faulty"] == int(arith["faulty"].sum())
@@ -195,7 +195,7 @@ def test_split_mode_scores_only_the_held_out_problems(step_table):
     table, _, _ = step_table
     out = evaluate_table(table, EvalConfig(scoring="split", test_fraction=0.25, n_boot=50, prm=None))
     for task in ("arith", "bool"):
-        r = out[task]
+        r = out.tasks[task].to_dict()
         assert r["scoring"] == "split" and 0 < r["n_test_steps"] < r["n_steps"]
         assert sum(p["n_steps"] for p in r["per_n"].values()) == r["n_test_steps"]
     with pytest.raises(ValueError, match="scoring"):
@@ -211,13 +211,13 @@ def test_stored_evaluation_is_read_back_only_for_the_same_table_and_config(step_
     cfg = EvalConfig(folds=2, n_boot=20, prm=None)
     path = tmp_path / "seed" / "evaluation.json"
     first = run.stored_evaluation(table, cfg, path)
-    assert path.is_file() and first["arith"]["methods"]["crv"]["auroc"] == pytest.approx(
-        run.evaluate_table(table, cfg)["arith"]["methods"]["crv"]["auroc"])
+    assert path.is_file() and first.tasks["arith"].methods["crv"]["auroc"] == pytest.approx(
+        run.evaluate_table(table, cfg).tasks["arith"].methods["crv"]["auroc"])
     calls = []
     evaluate = run.evaluate_table
     monkeypatch.setattr(run, "evaluate_table", lambda *a, **k: calls.append(a) or evaluate(*a, **k))
     assert run.stored_evaluation(table, cfg, path) == first and not calls  # read back, nothing refitted
     other = run.stored_evaluation(table, EvalConfig(folds=2, n_boot=30, prm=None), path)  # another config: recomputed
-    assert len(calls) == 1 and other["settings"]["n_boot"] == 30
+    assert len(calls) == 1 and other.settings["n_boot"] == 30
     run.stored_evaluation(table.iloc[: len(table) // 2 * 2 - 2], EvalConfig(folds=2, n_boot=30, prm=None), path)
     assert len(calls) == 2  # another table: recomputed

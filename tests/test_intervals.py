@@ -68,7 +68,10 @@ def test_resamples_without_both_classes_are_skipped():
 
 
 def test_seed_spread_is_mean_and_sample_sd_per_method():
-    runs = [{"arith": {"methods": {"crv": {"auroc": v}, "maxprob": {"auroc": 0.9}}}} for v in (0.7, 0.8, 0.9)]
+    from crv.evaluate.results import EvaluationResults
+
+    runs = [EvaluationResults.from_dict({"arith": {"methods": {"crv": {"auroc": v}, "maxprob": {"auroc": 0.9}}}})
+            for v in (0.7, 0.8, 0.9)]
     out = seed_spread(runs)
     assert out["arith"]["crv"]["auroc_mean"] == pytest.approx(0.8)
     assert out["arith"]["crv"]["auroc_sd"] == pytest.approx(0.1)
@@ -77,6 +80,7 @@ def test_seed_spread_is_mean_and_sample_sd_per_method():
 
 def test_report_table_puts_the_spread_across_seeds_next_to_the_intervals():
     from crv.evaluate.report import markdown_table
+    from crv.evaluate.results import EvaluationResults
 
     def task(crv, maxprob):
         m = {name: {"auroc": v, "aupr": 0.5, "fpr95": 0.4, "auroc_ci": [v - 0.02, v + 0.02]}
@@ -84,17 +88,18 @@ def test_report_table_puts_the_spread_across_seeds_next_to_the_intervals():
         return {"methods": m, "n_steps": 10, "n_faulty": 2, "n_test_steps": 10, "n_test_faulty": 2,
                 "ablation_auroc": {}, "paired_vs_crv": {"maxprob": {"auroc_diff": maxprob - crv, "ci": [0.0, 0.1]}}}
 
-    runs = [{"arith": task(c, 0.9)} for c in (0.7, 0.8, 0.9)]
-    pooled = {"arith": task(0.8, 0.9), "settings": {}, "seeds": seed_spread(runs)}
+    runs = [EvaluationResults.from_dict({"arith": task(c, 0.9)}) for c in (0.7, 0.8, 0.9)]
+    pooled = EvaluationResults.from_dict({"arith": task(0.8, 0.9), "settings": {}, "seeds": seed_spread(runs)})
     lines = markdown_table(pooled).splitlines()
     assert lines[0].endswith("| arith AUROC over 3 seeds |")
     crv = next(line for line in lines if line.startswith("| crv |"))
     assert crv.endswith("| 80.0 ± 10.0 |") and "80.0 [78.0, 82.0]" in crv
     assert next(line for line in lines if line.startswith("| maxprob |")).endswith("| 90.0 ± 0.0 |")
     assert all("no spread" not in line for line in lines)
-    pooled["arith"]["methods"]["prm_finetuned"] = {**pooled["arith"]["methods"]["maxprob"]}
+    pooled.tasks["arith"].methods["prm_finetuned"] = {**pooled.tasks["arith"].methods["maxprob"]}
     lines = markdown_table(pooled).splitlines()
     assert next(line for line in lines if line.startswith("| prm_finetuned |")).endswith("| — |")
     assert next(line for line in lines if line.startswith("Across datasets")).endswith("(no spread): prm_finetuned")
-    one_seed = markdown_table({**pooled, "seeds": seed_spread(runs[:1])}).splitlines()
+    pooled.extra["seeds"] = seed_spread(runs[:1])
+    one_seed = markdown_table(pooled).splitlines()
     assert "seeds" not in one_seed[0] and any("one seed's dataset only" in line for line in one_seed)

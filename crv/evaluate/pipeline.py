@@ -11,6 +11,7 @@ from crv.classify.model import StepClassifier
 from crv.evaluate.crossfit import make_scheme
 from crv.evaluate.methods import EvalConfig, TextInputs
 from crv.evaluate.report import markdown_table, write_report
+from crv.evaluate.results import EvaluationResults
 from crv.evaluate.run import evaluate_table, save_step_table
 from crv.extract.steps import column_groups, time_crv
 from crv.extract import Executor, archive_fingerprints, build_step_table
@@ -31,7 +32,7 @@ def run_evaluation(
     cost_sample: int = 8,
     executor: Executor | None = None,
     archive: str | Path | None = None,
-) -> dict:
+) -> EvaluationResults:
     """Evaluate CRV and the baselines on ``records``; writes the step table, report files and classifiers.
 
     Each trace's rows and pruned graphs are stored in ``graph_dir`` as they are computed (a rerun
@@ -59,17 +60,17 @@ def run_evaluation(
     save_step_table(table, run_dir, graph_dir)
     by_id = {r.problem_id: r for r in records}
     results = evaluate_table(table, config, TextInputs(att.model, att.encoder, by_id), progress=progress)
-    results["step_target"] = target
-    results["model"] = {"id": att.model_id, "prompt_format": att.prompt_format}
+    results.extra["step_target"] = target
+    results.extra["model"] = {"id": att.model_id, "prompt_format": att.prompt_format}
     fp = column_groups(table)["fingerprint"]
-    for task in [t for t in results if isinstance(results[t], dict) and "methods" in results[t]]:
+    for task, res in results.tasks.items():
         t = table[table["task"] == task].reset_index(drop=True)
         scheme = make_scheme(t, config)
         if cost_sample > 0:
             sample = [by_id[p] for p in list(dict.fromkeys(t.iloc[scheme.scored]["problem_id"]))[:cost_sample]]
-            results[task]["ms_per_step"] = {"crv": time_crv(att, sample, target), **results[task]["ms_per_step"]}
+            res.ms_per_step = {"crv": time_crv(att, sample, target), **res.ms_per_step}
         train = t.iloc[scheme.fit_rows()]
         StepClassifier(**config.classifier).fit(train[fp], train["faulty"].to_numpy()).save(run_dir / "classifiers" / task)
-    results["files"] = {k: str(v) for k, v in write_report(results, run_dir, command).items()}
-    results["markdown"] = markdown_table(results)
+    results.extra["files"] = {k: str(v) for k, v in write_report(results, run_dir, command).items()}
+    results.extra["markdown"] = markdown_table(results)
     return results

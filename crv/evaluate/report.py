@@ -10,16 +10,12 @@ from pathlib import Path
 import numpy as np
 
 from crv.evaluate.methods import METHODS
-from crv.evaluate.run import public
+from crv.evaluate.results import EvaluationResults
 
 
-def _tasks(results: dict) -> list[str]:
-    return [k for k, v in results.items() if isinstance(v, dict) and "methods" in v]
-
-
-def method_note(results: dict) -> str:
+def method_note(results: EvaluationResults) -> str:
     """How the numbers were made (scoring scheme and intervals), for the report's reader."""
-    cfg = results.get("settings", {})
+    cfg = results.settings
     if cfg.get("scoring", "split") == "out_of_fold":
         scoring = (f"Out-of-fold scoring: the problems are dealt into {cfg.get('folds')} folds (grouped by problem, "
                    "stratified by faulty steps); every method is trained once per fold on the other folds, and each step "
@@ -46,27 +42,27 @@ def _n_seeds(spread: dict) -> int:
     return max((v.get("n_seeds", 1) for v in spread.values()), default=0)
 
 
-def markdown_table(results: dict) -> str:
+def markdown_table(results: EvaluationResults) -> str:
     """Methods as rows; AUROC [95% CI], AUPR, FPR@95, the paired AUROC difference to CRV (percent) and, with
     several seeds' datasets, the AUROC mean ± sd across their evaluations, per task; then per-difficulty AUROC,
     transfer, ablation and costs."""
-    tasks = _tasks(results)
-    spread = {t: s for t, s in (results.get("seeds") or {}).items() if t in tasks and _n_seeds(s) > 1}
+    tasks, R = list(results.tasks), results.tasks
+    spread = {t: s for t, s in (results.extra.get("seeds") or {}).items() if t in tasks and _n_seeds(s) > 1}
     head = "| method | " + " | ".join(f"{t} AUROC↑ | {t} AUPR↑ | {t} FPR@95↓ | {t} ΔAUROC vs crv"
                                      + (f" | {t} AUROC over {_n_seeds(spread[t])} seeds" if t in spread else "")
                                      for t in tasks) + " |"
     sep = "|---|" + "".join("---|" * (5 if t in spread else 4) for t in tasks)
     lines = [head, sep]
-    present = [m for m in METHODS if any(m in results[t]["methods"] for t in tasks)]
-    present += sorted({m for t in tasks for m in results[t]["methods"] if m not in METHODS})
+    present = [m for m in METHODS if any(m in R[t].methods for t in tasks)]
+    present += sorted({m for t in tasks for m in R[t].methods if m not in METHODS})
     for m in present:
         cells = []
         for t in tasks:
-            r = results[t]["methods"].get(m)
+            r = R[t].methods.get(m)
             if r is None:
                 cells += ["—"] * (5 if t in spread else 4)
                 continue
-            d = results[t].get("paired_vs_crv", {}).get(m)
+            d = R[t].paired_vs_crv.get(m)
             cells += [f"{_pct(r['auroc'])}{_ci(r.get('auroc_ci'))}", f"{_pct(r['aupr'])}{_ci(r.get('aupr_ci'))}",
                       f"{_pct(r['fpr95'])}{_ci(r.get('fpr95_ci'))}",
                       "—" if d is None else f"{100 * d['auroc_diff']:+.1f}{_ci(d['ci'])}"]
@@ -76,19 +72,19 @@ def markdown_table(results: dict) -> str:
                              else f"{100 * v['auroc_mean']:.1f} ± {100 * v['auroc_sd']:.1f}")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     lines.append("")
-    counts = ", ".join(f"{t}: {results[t]['n_steps']} steps ({results[t]['n_faulty']} faulty) of "
-                       f"{results[t].get('n_problems', '?')} problems, scored {results[t]['n_test_steps']} "
-                       f"({results[t]['n_test_faulty']} faulty)" for t in tasks)
+    counts = ", ".join(f"{t}: {R[t].n_steps} steps ({R[t].n_faulty} faulty) of "
+                       f"{R[t].n_problems or '?'} problems, scored {R[t].n_test_steps} "
+                       f"({R[t].n_test_faulty} faulty)" for t in tasks)
     lines.append(f"Steps: {counts}.")
     lines.append("")
     lines.append(method_note(results))
     for t in tasks:
-        v = results[t].get("crv_plus_confidence_vs_best_confidence")
+        v = R[t].crv_plus_confidence_vs_best_confidence
         if v:
             lines.append(f"\nDoes the graph add to confidence ({t})? crv_plus_confidence − {v['baseline']} (the best "
                          f"black-box score here): {100 * v['auroc_diff']:+.1f} AUROC points{_ci(v['ci'])}.")
     for t in tasks:
-        pn = results[t].get("per_n")
+        pn = R[t].per_n
         if not pn:
             continue
         ns = list(pn)
@@ -96,9 +92,9 @@ def markdown_table(results: dict) -> str:
                   "| method | " + " | ".join(f"n={n} ({pn[n]['n_faulty']}/{pn[n]['n_steps']})" for n in ns) + " |",
                   "|---|" + "---|" * len(ns)]
         for m in present:
-            if m in results[t]["methods"]:
+            if m in R[t].methods:
                 lines.append(f"| {m} | " + " | ".join(_pct(pn[n]["methods"].get(m, {}).get("auroc")) for n in ns) + " |")
-    seeds = results.get("seeds")
+    seeds = results.extra.get("seeds")
     if seeds:
         for t in tasks:
             if t not in seeds or not seeds[t]:
@@ -109,18 +105,18 @@ def markdown_table(results: dict) -> str:
                 continue
             lines += ["", f"Across datasets ({t}, one evaluation per seed, {k} seeds): AUROC mean ± sd: "
                       + ", ".join(f"{m} {100 * v['auroc_mean']:.1f} ± {100 * v['auroc_sd']:.1f}" for m, v in seeds[t].items())]
-            unseeded = [m for m in results[t]["methods"] if m not in seeds[t]]
+            unseeded = [m for m in R[t].methods if m not in seeds[t]]
             if unseeded:
                 lines[-1] += f"; not evaluated on each seed's dataset (no spread): {', '.join(unseeded)}"
     lines.append("")
-    if results.get("transfer"):
-        lines.append("Transfer (CRV AUROC): " + ", ".join(f"{k} {100 * v:.1f}" for k, v in results["transfer"].items())
-                     + "; trained on both: " + ", ".join(f"{k} {100 * v:.1f}" for k, v in results["transfer_trained_on_both"].items()))
+    if results.transfer:
+        lines.append("Transfer (CRV AUROC): " + ", ".join(f"{k} {100 * v:.1f}" for k, v in results.transfer.items())
+                     + "; trained on both: " + ", ".join(f"{k} {100 * v:.1f}" for k, v in results.transfer_trained_on_both.items()))
     for t in tasks:
-        ab = results[t]["ablation_auroc"]
+        ab = R[t].ablation_auroc
         lines.append(f"Leave-one-family-out ({t}, CRV AUROC): " + ", ".join(f"{k} {100 * v:.1f}" for k, v in ab.items()))
     for t in tasks:
-        fe = results[t].get("first_error")
+        fe = R[t].first_error
         if fe:
             lines += ["", f"First-error localisation ({t}, ProcessBench's convention; threshold chosen on the other folds):", "",
                       "| method | on traces with an error | on error-free traces | F1 [95% CI] |", "|---|---|---|---|"]
@@ -128,26 +124,26 @@ def markdown_table(results: dict) -> str:
                 lines.append(f"| {m} | {_pct(v['acc_erroneous'])} | {_pct(v['acc_correct'])} | {_pct(v['f1'])} {_ci(v['f1_ci'])} |")
             lines.append("")
     for t in tasks:
-        cost = results[t].get("ms_per_step", {})
+        cost = R[t].ms_per_step
         if cost:
             lines.append(f"Cost per step ({t}, ms, this machine): " + ", ".join(f"{k} {v:.1f}" for k, v in cost.items()))
-    for t, why in results.get("skipped", {}).items():
+    for t, why in results.skipped.items():
         lines.append(f"Skipped {t}: {why}")
     return "\n".join(lines)
 
 
-def summary_png(results: dict) -> bytes:
+def summary_png(results: EvaluationResults) -> bytes:
     """The at-a-glance plot: per task, each method's AUROC with its interval (CRV highlighted), and AUROC per n."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = _tasks(results)
-    fig, axes = plt.subplots(len(tasks), 2, figsize=(12, 0.32 * max(len(results[t]["methods"]) for t in tasks) * len(tasks) + 2.5),
+    tasks, R = list(results.tasks), results.tasks
+    fig, axes = plt.subplots(len(tasks), 2, figsize=(12, 0.32 * max(len(R[t].methods) for t in tasks) * len(tasks) + 2.5),
                              squeeze=False, gridspec_kw={"width_ratios": [1.2, 1]})
     for row, t in enumerate(tasks):
-        ms = results[t]["methods"]
+        ms = R[t].methods
         names = sorted(ms, key=lambda m: ms[m]["auroc"])
         ax = axes[row, 0]
         for i, m in enumerate(names):
@@ -161,11 +157,11 @@ def summary_png(results: dict) -> bytes:
                 lab.set_color("crimson")
                 lab.set_fontweight("bold")
         ax.axvline(50, color="k", ls=":", lw=0.8)
-        ax.set(title=f"{t}: AUROC with 95% problem-bootstrap interval ({results[t]['n_faulty']} faulty steps)",
+        ax.set(title=f"{t}: AUROC with 95% problem-bootstrap interval ({R[t].n_faulty} faulty steps)",
                xlabel="AUROC (%)")
         ax.title.set_fontsize(9)
         ax = axes[row, 1]
-        pn = results[t].get("per_n", {})
+        pn = R[t].per_n
         ns = [int(n) for n in pn if n.lstrip("-").isdigit()]
         palette = plt.get_cmap("tab20").colors
         others = [m for m in names if m != "crv"]
@@ -192,23 +188,23 @@ def summary_png(results: dict) -> bytes:
     return buf.getvalue()
 
 
-def _curves_png(results: dict) -> str:
+def _curves_png(results: EvaluationResults) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from sklearn.metrics import precision_recall_curve, roc_curve
 
-    tasks = _tasks(results)
+    tasks, R = list(results.tasks), results.tasks
     fig, axes = plt.subplots(len(tasks), 2, figsize=(11, 4.5 * len(tasks)), squeeze=False)
     for row, t in enumerate(tasks):
-        y, scores = results[t]["_curves"]["y"], results[t]["_curves"]["scores"]
+        y, scores = R[t].curves.y, R[t].curves.scores  # type: ignore[union-attr]
         for name, s in scores.items():
             fpr, tpr, _ = roc_curve(y, s)
             prec, rec, _ = precision_recall_curve(y, s)
             width = 2.5 if name == "crv" else 1.0
-            axes[row, 0].plot(fpr, tpr, lw=width, label=f"{name} ({100 * results[t]['methods'][name]['auroc']:.1f})")
-            axes[row, 1].plot(rec, prec, lw=width, label=f"{name} ({100 * results[t]['methods'][name]['aupr']:.1f})")
+            axes[row, 0].plot(fpr, tpr, lw=width, label=f"{name} ({100 * R[t].methods[name]['auroc']:.1f})")
+            axes[row, 1].plot(rec, prec, lw=width, label=f"{name} ({100 * R[t].methods[name]['aupr']:.1f})")
         axes[row, 0].plot([0, 1], [0, 1], "k:", lw=0.8)
         axes[row, 0].set(title=f"{t}: ROC (faulty = positive)", xlabel="false-positive rate", ylabel="true-positive rate")
         axes[row, 1].axhline(float(np.mean(y)), color="k", ls=":", lw=0.8)
@@ -222,22 +218,21 @@ def _curves_png(results: dict) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def write_report(results: dict, run_dir: str | Path, command: str) -> dict[str, Path]:
+def write_report(results: EvaluationResults, run_dir: str | Path, command: str) -> dict[str, Path]:
     """Write ``report.md``, ``evaluation.json`` and ``report.html`` into ``run_dir``."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     md = markdown_table(results)
     paths = {"markdown": run_dir / "report.md", "json": run_dir / "evaluation.json", "html": run_dir / "report.html",
              "plot": run_dir / "summary.png"}
-    png = summary_png(results) if _tasks(results) else b""
+    png = summary_png(results) if results.tasks else b""
     paths["plot"].write_bytes(png)
     paths["markdown"].write_text(f"# crv evaluation\n\n`{command}`\n\n![AUROC per method and per n](summary.png)\n\n{md}\n")
-    data = public(results)
-    data["command"] = command
+    data = {**results.to_dict(), "command": command}
     paths["json"].write_text(json.dumps(data, indent=2, default=float) + "\n")
     rows = "".join(f"<li><b>{m}</b>: {d}</li>" for m, d in METHODS.items())
     table_html = "<pre>" + md.replace("&", "&amp;").replace("<", "&lt;") + "</pre>"
-    img = f'<img src="data:image/png;base64,{_curves_png(results)}"/>' if _tasks(results) else ""
+    img = f'<img src="data:image/png;base64,{_curves_png(results)}"/>' if results.tasks and all(r.curves is not None for r in results.tasks.values()) else ""
     lead = f'<img src="data:image/png;base64,{base64.b64encode(png).decode()}"/>' if png else ""
     paths["html"].write_text(
         f"<!doctype html><meta charset='utf-8'><title>crv evaluation</title><h1>crv evaluation</h1>"

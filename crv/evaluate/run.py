@@ -13,6 +13,7 @@ import pandas as pd
 from crv.classify.metrics import aupr, auroc, fpr_at_95
 from crv.evaluate.localize import first_error_localisation, traces_of
 from crv.evaluate.crossfit import Scheme, make_scheme, merge_chosen, score_scheme
+from crv.evaluate.results import Curves, EvaluationResults, TaskEvaluation
 from crv.evaluate.intervals import ProblemBootstrap
 from crv.evaluate.methods import BLACK_BOX, EvalConfig, TextInputs, fit_crv
 from crv.extract.steps import column_groups
@@ -59,9 +60,11 @@ def _paired(boot: ProblemBootstrap, a: np.ndarray, b: np.ndarray) -> dict:
     return {"auroc_diff": d.diff, "ci": list(d.ci)}
 
 
-def evaluate_task(table: pd.DataFrame, cfg: EvalConfig, text: TextInputs | None = None, progress: bool = False) -> dict:
+def evaluate_task(table: pd.DataFrame, cfg: EvalConfig, text: TextInputs | None = None, progress: bool = False
+                  ) -> tuple[TaskEvaluation, Scheme]:
     """Every method's metrics on one task's steps (out of fold or on a held-out split, ``cfg.scoring``),
-    intervals by problem, paired differences against CRV, per-``n`` AUROC, the ablation, and the raw scores.
+    intervals by problem, paired differences against CRV, per-``n`` AUROC, the ablation, and the raw scores;
+    with the scheme (folds) that scored them.
 
     With ``text`` (the traces and the reasoner) the PRM baselines are trained and scored too.
     """
@@ -88,27 +91,26 @@ def evaluate_task(table: pd.DataFrame, cfg: EvalConfig, text: TextInputs | None 
         fold_of = {str(p): i for i, (_, te) in enumerate(scheme.fits) for p in table.iloc[te]["problem_id"].unique()}
         first_error = {name: first_error_localisation(traces_of(scored, s), fold_of, cfg.n_boot, cfg.seed)
                        for name, s in scores.items()}
-    return {
-        "n_steps": int(len(table)),
-        "n_faulty": int(table["faulty"].sum()),
-        "n_problems": int(table["problem_id"].nunique()),
-        "n_test_steps": int(len(scored)),
-        "n_test_faulty": int(y.sum()),
-        "scoring": scheme.kind,
-        "folds": len(scheme.fits) if scheme.kind == "out_of_fold" else None,
-        "ci_method": "problem_bootstrap",
-        "n_boot": int(len(boot.weights)),
-        "methods": methods,
-        "paired_vs_crv": paired,
-        "crv_plus_confidence_vs_best_confidence": vs_confidence,
-        "per_n": per_n(scored, scores, cfg),
-        "ablation_auroc": ablation,
-        "first_error": first_error,
-        "chosen_on_train": merge_chosen(chosen),
-        "ms_per_step": {k: float(np.mean([m[k] for m in ms if k in m])) for k in dict.fromkeys(k for m in ms for k in m)},
-        "_curves": {"y": y, "scores": scores, "problems": problems},
-        "_scheme": scheme,
-    }
+    return TaskEvaluation(
+        n_steps=int(len(table)),
+        n_faulty=int(table["faulty"].sum()),
+        n_problems=int(table["problem_id"].nunique()),
+        n_test_steps=int(len(scored)),
+        n_test_faulty=int(y.sum()),
+        scoring=scheme.kind,
+        folds=len(scheme.fits) if scheme.kind == "out_of_fold" else None,
+        ci_method="problem_bootstrap",
+        n_boot=int(len(boot.weights)),
+        methods=methods,
+        paired_vs_crv=paired,
+        crv_plus_confidence_vs_best_confidence=vs_confidence,
+        per_n=per_n(scored, scores, cfg),
+        ablation_auroc=ablation,
+        first_error=first_error,
+        chosen_on_train=merge_chosen(chosen),
+        ms_per_step={k: float(np.mean([m[k] for m in ms if k in m])) for k in dict.fromkeys(k for m in ms for k in m)},
+        curves=Curves(y, scores, problems),
+    ), scheme
 
 
 def transfer(tables: dict[str, pd.DataFrame], schemes: dict[str, Scheme], cfg: EvalConfig) -> tuple[dict, dict]:
@@ -137,32 +139,28 @@ def transfer(tables: dict[str, pd.DataFrame], schemes: dict[str, Scheme], cfg: E
 
 
 def evaluate_table(table: pd.DataFrame, cfg: EvalConfig = EvalConfig(), text: TextInputs | None = None,
-                   progress: bool = False) -> dict:
+                   progress: bool = False) -> EvaluationResults:
     """Results for every task in the step table (tasks without enough faulty steps are reported as skipped).
 
     ``text`` enables the baselines that read the traces (the PRMs).
     """
-    out: dict = {"settings": asdict(cfg), "skipped": {}}
+    out = EvaluationResults(settings=asdict(cfg))
     tables, schemes = {}, {}
     for task, t in table.groupby("task", sort=True):
         t = t.reset_index(drop=True)
         try:
-            res = evaluate_task(t, cfg, text, progress)
+            out.tasks[str(task)], schemes[str(task)] = evaluate_task(t, cfg, text, progress)
         except ValueError as e:
-            out["skipped"][str(task)] = str(e)
+            out.skipped[str(task)] = str(e)
             continue
-        schemes[str(task)] = res.pop("_scheme")
         tables[str(task)] = t
-        out[str(task)] = res
-    pairs, both = transfer(tables, schemes, cfg) if len(tables) > 1 else ({}, {})
-    out["transfer"] = pairs
-    out["transfer_trained_on_both"] = both
+    out.transfer, out.transfer_trained_on_both = transfer(tables, schemes, cfg) if len(tables) > 1 else ({}, {})
     return out
 
 
 def stored_evaluation(table: pd.DataFrame, cfg: EvalConfig, path: str | Path, text: TextInputs | None = None,
-                      progress: bool = False) -> dict:
-    """:func:`evaluate_table` of ``table`` (its JSON part, :func:`public`), read back from ``path`` when
+                      progress: bool = False) -> EvaluationResults:
+    """:func:`evaluate_table` of ``table`` (what its file holds: no curves), read back from ``path`` when
     that file holds the evaluation of a table of the same size under the same ``cfg``, else computed
     and written there; so a stop during a series of evaluations loses only the one in progress."""
     path = Path(path)
@@ -172,22 +170,22 @@ def stored_evaluation(table: pd.DataFrame, cfg: EvalConfig, path: str | Path, te
     if path.is_file():
         stored = json.loads(path.read_text())
         if stored.get("key") == key:
-            return stored["results"]
-    results = json.loads(json.dumps(public(evaluate_table(table, cfg, text, progress)), default=float))
+            return EvaluationResults.from_dict(stored["results"])
+    results = json.loads(json.dumps(evaluate_table(table, cfg, text, progress).to_dict(), default=float))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps({"key": key, "results": results}, indent=1) + "\n")
     tmp.replace(path)
-    return results
+    return EvaluationResults.from_dict(results)
 
 
-def seed_spread(results: list[dict]) -> dict[str, dict]:
+def seed_spread(results: list[EvaluationResults]) -> dict[str, dict]:
     """Per task, each method's AUROC mean and standard deviation over evaluations of independent datasets
     (one :func:`evaluate_table` result per seed; ``ddof=1``)."""
     out: dict[str, dict] = {}
-    tasks = dict.fromkeys(t for r in results for t, v in r.items() if isinstance(v, dict) and "methods" in v)
+    tasks = dict.fromkeys(t for r in results for t in r.tasks)
     for task in tasks:
-        runs = [r[task]["methods"] for r in results if task in r and isinstance(r[task], dict) and "methods" in r[task]]
+        runs = [r.tasks[task].methods for r in results if task in r.tasks]
         names = dict.fromkeys(m for run in runs for m in run)
         out[task] = {}
         for m in names:
@@ -195,12 +193,6 @@ def seed_spread(results: list[dict]) -> dict[str, dict]:
             out[task][m] = {"auroc_mean": float(np.mean(vals)), "auroc_sd": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0,
                             "n_seeds": len(vals), "aurocs": [float(v) for v in vals]}
     return out
-
-
-def public(results: dict) -> dict:
-    """The results without the raw test scores (for JSON)."""
-    return {k: ({kk: vv for kk, vv in v.items() if not kk.startswith("_")} if isinstance(v, dict) else v)
-            for k, v in results.items()}
 
 
 def save_step_table(table: pd.DataFrame, run_dir: Path, graph_dir: Path | None) -> None:
