@@ -32,6 +32,9 @@ def _load(fn):  # type: ignore[no-untyped-def]
 
 
 #: torch threads, on every command that computes (on a shared machine 1 keeps times steady)
+#: the paper's feature-node cap, AttributionConfig's default (tests/test_cli_defaults.py keeps the two equal)
+MAX_FEATURE_NODES = 4096
+CAP_OPTION = typer.Option(MAX_FEATURE_NODES, help="Feature-node cap of the graphs (the paper's; 0: uncapped).")
 THREADS_OPTION = typer.Option(0, help="torch threads (0: torch's default; on a busy shared machine, 1 keeps times steady).")
 
 
@@ -387,7 +390,7 @@ def attribute_cmd(
     model: Optional[Path] = typer.Option(None, help="Model directory (default: the shipped reasoner; `crv import-model` makes one from GGUF / HF)."),
     prompt_format: Optional[str] = typer.Option(None, help="Prompt format: plain or chat (default: the model's own)."),
     transcoders: Optional[Path] = typer.Option(None, help="Transcoder directory (default: the shipped set)."),
-    max_feature_nodes: int = typer.Option(4096, help="Feature-node cap (0: uncapped)."),
+    max_feature_nodes: int = CAP_OPTION,
     limit: int = typer.Option(0, help="Only the first N records (0: all)."),
     export_circuit_tracer: bool = typer.Option(False, help="Also write circuit-tracer frontend JSON per graph."),
     full: bool = typer.Option(False, "--full", help="Also write each graph's dense adjacency (<step>.safetensors + .json: "
@@ -531,7 +534,7 @@ def evaluate_cmd(
     model: Optional[Path] = typer.Option(None, help="Model directory (default: the shipped reasoner; `crv import-model` makes one from GGUF / HF)."),
     prompt_format: Optional[str] = typer.Option(None, help="Prompt format: plain or chat (default: the model's own)."),
     transcoders: Optional[Path] = typer.Option(None, help="Transcoder directory (default: the shipped set)."),
-    max_feature_nodes: int = typer.Option(4096, help="Feature-node cap of the graphs (0: uncapped)."),
+    max_feature_nodes: int = CAP_OPTION,
     step_target: str = typer.Option("last", help="Where a step's graph is computed: last (paper), result, uncertain."),
     extra_target: list[str] = typer.Option([], help="Also evaluate CRV on graphs at these step targets (method crv_<target>)."),
     scoring: str = typer.Option("out-of-fold", help="out-of-fold: every step scored by the fold fit that never saw its problem; split: one held-out split."),
