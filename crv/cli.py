@@ -79,12 +79,11 @@ def _dtype(name: str):  # type: ignore[no-untyped-def]
 
 def _model_and_encoder(model: Optional[Path], prompt_format: Optional[str]):  # type: ignore[no-untyped-def]
     """A model directory's model and its :class:`~crv.lm.encode.TraceEncoder` (tokenizer + prompt format)."""
-    from crv.lm.encode import trace_encoder
-    from crv.lm.load import DEFAULT_MODEL_DIR, load_model
+    from crv.lm.adapter import open_model
 
     def load():  # type: ignore[no-untyped-def]
-        lm, tok = load_model(model)
-        return lm, trace_encoder(tok, model or DEFAULT_MODEL_DIR, prompt_format)
+        lm = open_model(model, prompt_format=prompt_format)
+        return lm.model, lm.encoder
 
     return _load(load)
 

@@ -281,3 +281,17 @@ def test_hook_sites_name_each_familys_modules(family):
     gemma = Gemma2ForCausalLM(Gemma2Config(**_shape(tok)))
     with pytest.raises(UnsupportedModelError):
         hook_sites(gemma)
+
+
+def test_open_model_fixes_device_dtype_format_and_family_once(tmp_path):
+    from crv.lm.adapter import open_model
+
+    tok = byte_level_bpe()
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**_shape(tok, tie_word_embeddings=True))).save_pretrained(tmp_path / "m")
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(tmp_path / "m")
+    lm = open_model(tmp_path / "m", dtype="bf16")
+    assert lm.family.name == "llama" and lm.dtype == torch.bfloat16 and lm.device.type == "cpu"
+    assert lm.encoder.format.name == "chat" and lm.sites.mlp(1) is lm.model.model.layers[1].mlp
+    assert open_model(tmp_path / "m", prompt_format="plain").encoder.format.name == "plain"

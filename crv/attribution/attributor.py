@@ -28,8 +28,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerFast
 from crv.attribution.engine import AttributionConfig, TraceAttribution
 from crv.attribution.graph import Graph
 from crv.attribution.prune import Pruned, prune
-from crv.lm.encode import EncodedTrace, TraceEncoder, tokenize, trace_encoder, with_lead
-from crv.lm.load import DEFAULT_MODEL_DIR, load_model
+from crv.lm.adapter import open_model
+from crv.lm.encode import EncodedTrace, TraceEncoder, tokenize, with_lead
 from crv.lm.prompt import PlainFormat
 from crv.tasks.schema import Record
 from crv.transcoders.io import TranscoderSet, load_transcoders
@@ -194,13 +194,11 @@ class Attributor:
         tensor. ``prompt_format``: ``plain`` or ``chat`` (default: the model's own, see :mod:`crv.lm.prompt`).
         ``k``: TopK size for a set whose config lacks it.
         """
-        model_dir = Path(model_dir) if model_dir is not None else DEFAULT_MODEL_DIR
-        model, tok = load_model(model_dir, dtype=dtype, device=device)
+        lm = open_model(model_dir, dtype, device, prompt_format)
         # the encoder runs in the model's dtype (circuit-tracer casts the set to it); the rest of the engine in float32
-        ts = load_transcoders(transcoder_dir, model=model, device=device, k=k, encode_dtype=dtype)
-        return cls(model, tok, ts, config, model_id=f"{model_dir.name}@{model_checksum(model_dir)}",
-                   model_dir=model_dir.resolve(), transcoder_dir=ts.path.resolve(),
-                   encoder=trace_encoder(tok, model_dir, prompt_format))
+        ts = load_transcoders(transcoder_dir, model=lm.model, device=device, k=k, encode_dtype=dtype)
+        return cls(lm.model, lm.tokenizer, ts, config, model_id=f"{lm.path.name}@{model_checksum(lm.path)}",
+                   model_dir=lm.path.resolve(), transcoder_dir=ts.path.resolve(), encoder=lm.encoder)
 
     @property
     def prompt_format(self) -> str:
