@@ -31,7 +31,8 @@ from crv.attribution.attributor import Attributor
 from crv.attribution.engine import AttributionConfig
 from crv.classify.model import StepClassifier
 from crv.extract import FingerprintArchive, trace_keys
-from crv.interventions.experiment import InterventionConfig, markdown, run_experiment, write_results
+from crv.interventions.experiment import (InterventionConfig, InterventionResults, TaskInterventions, markdown,
+                                          run_experiment, write_results)
 from crv.tasks.schema import read_records
 
 RESULTS = Path(__file__).parent / "results" / "interventions.json"
@@ -86,7 +87,7 @@ def main() -> None:
     cfg = InterventionConfig(k=args.k, factor=args.factor, rule=args.rule, threshold=args.threshold,
                              max_faulty=args.max_faulty, harm_steps=args.harm_steps, seed=args.seed)
     start = time.time()
-    results: dict = {"settings": None}
+    results = InterventionResults(dataclasses.asdict(cfg))
     flagged_counts = {}
     for task in ("arith", "bool"):
         records = [r for s in args.seeds for r in read_records(DATA / f"seed-{s}" / f"{task}-records.jsonl")]
@@ -98,28 +99,24 @@ def main() -> None:
         done = args.run_dir / f"{task}.done.json"  # a finished task is kept: a rerun does the other one only
         settings = json.loads(json.dumps({"config": dataclasses.asdict(cfg), "seeds": args.seeds,
                                           "max_feature_nodes": args.max_feature_nodes}))  # as read back
-        if done.is_file() and json.loads(done.read_text()).get("settings") == settings:
-            results[task] = json.loads(done.read_text())["result"]
-            results["settings"] = dataclasses.asdict(cfg)
+        if done.is_file() and (kept := json.loads(done.read_text())).get("settings") == settings:
+            results.tasks[task] = TaskInterventions.from_dict(kept["result"], kept.get("rows"))
             print(f"{task}: kept from {done}", flush=True)
             continue
         order = np.random.default_rng(args.seed).permutation(len(records))
-        res = run_experiment(att, None, [records[i] for i in order], cfg, scores=scores)
-        results[task] = res[task]
-        results["settings"] = res["settings"]
+        res = run_experiment(att, None, [records[i] for i in order], cfg, scores=scores).tasks[task]
+        results.tasks[task] = res
         args.run_dir.mkdir(parents=True, exist_ok=True)
         tmp = done.with_name(f".{done.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"settings": settings, "result": res[task]}, default=float) + "\n")
+        tmp.write_text(json.dumps({"settings": settings, "result": res.to_dict(), "rows": res.rows_dict()}, default=float) + "\n")
         os.replace(tmp, done)
     seconds = time.time() - start
     write_results(results, args.run_dir, command)
     print(markdown(results))
     out: dict = {}
     for task in ("arith", "bool"):
-        r = results[task]
-        out[task] = {k: v for k, v in r.items() if not k.startswith("_")}
-        out[task]["flagged_out_of_fold"] = flagged_counts[task]
-    out["settings"] = {**results["settings"], "seeds": args.seeds, "max_feature_nodes": args.max_feature_nodes,
+        out[task] = {**results.tasks[task].to_dict(), "flagged_out_of_fold": flagged_counts[task]}
+    out["settings"] = {**results.settings, "seeds": args.seeds, "max_feature_nodes": args.max_feature_nodes,
                        "flags": "out of fold (5 folds over problems, CRV classifier at the shipped verifier's settings)",
                        "threads": args.threads, "seconds": round(seconds)}
     out["command"] = command

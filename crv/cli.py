@@ -687,8 +687,8 @@ def intervene_cmd(
     results = run_experiment(att, clf, records, cfg)
     files = write_results(results, run_dir, "crv " + " ".join(sys.argv[1:]))
     typer.echo("\n" + markdown(results))
-    for t in results.values():
-        for ex in (t["examples"][:1] if isinstance(t, dict) and "dose_response" in t else []):
+    for t in results.tasks.values():
+        for ex in t.examples[:1]:
             typer.echo("\n" + format_example(ex))
     typer.echo("\nwrote " + ", ".join(str(f) for f in files.values()))
 
@@ -834,7 +834,7 @@ def demo_cmd(
     files = write_results(inter, out_dir / "interventions", "crv demo " + " ".join(sys.argv[2:]))
     typer.echo(f"\nInterventions on up to {interventions} flagged faulty arithmetic steps (percent):\n")
     typer.echo(markdown(inter))
-    examples = inter.get("arith", {}).get("examples", [])
+    examples = inter.tasks["arith"].examples if "arith" in inter.tasks else []
     typer.echo("\n" + (f"A worked correction:\n{format_example(examples[0])}" if examples else
                        "No flagged step was corrected in this demo run (see the rates above)."))
     typer.echo("\nwrote " + ", ".join(str(f) for f in files.values()))

@@ -245,8 +245,8 @@ def test_planted_error_is_fixed_by_the_targeted_edit_and_not_by_matched_controls
     assert len(faulty) >= 6, "the planted feature makes the model miscompute"
     scores = {(r.problem_id, len(r.steps) - 1): 1.0 for r in faulty}  # every faulty step flagged
     cfg = InterventionConfig(k=1, rules=("logit",), doses=(0.0,), locate="oracle", harm_steps=0, bootstrap=100)
-    res = run_experiment(att, None, recs, cfg, progress=False, scores=scores)["arith"]
-    rows = [r for r in res["_rows"] if r["reproduced"]]
+    task = run_experiment(att, None, recs, cfg, progress=False, scores=scores).tasks["arith"]
+    res, rows = task.figures, [r for r in task.rows if r["reproduced"]]
     assert len(rows) >= 6
     assert sum(r["logit.matched"] for r in rows) >= 0.8 * len(rows), "where the planted feature is edited, a decoy matches it"
     fixed = res["ci"]["step_fix"]

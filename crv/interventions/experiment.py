@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -203,9 +203,56 @@ def summarize(faulty: list, rows: list[dict], harm_rows: list[dict], flagged_har
     }
 
 
+@dataclass
+class TaskInterventions:
+    """One task's experiment: ``figures`` (what :func:`summarize` computes: counts, rates, ``ci``,
+    ``dose_response``, ``rules``), worked ``examples`` and the per-step rows behind them (flagged faulty steps,
+    random correct steps, flagged correct steps)."""
+
+    figures: dict
+    examples: list[dict] = field(default_factory=list)
+    rows: list[dict] = field(default_factory=list)
+    harm_rows: list[dict] = field(default_factory=list)
+    flagged_harm_rows: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """The task's section of ``interventions.json`` (figures and examples; the rows go under ``rows``)."""
+        return {**self.figures, "examples": self.examples}
+
+    def rows_dict(self) -> dict:
+        return {"faulty": self.rows, "correct": self.harm_rows, "flagged_correct": self.flagged_harm_rows}
+
+    @classmethod
+    def from_dict(cls, d: dict, rows: dict | None = None) -> "TaskInterventions":
+        """A section of :meth:`to_dict` (and its ``rows`` entry, if kept); also reads the section layout with
+        ``_rows`` / ``_harm_rows`` / ``_flagged_harm_rows`` inside it."""
+        rows = rows or {}
+        figures = {k: v for k, v in d.items() if k != "examples" and not k.startswith("_")}
+        return cls(figures, list(d.get("examples", [])), rows.get("faulty", d.get("_rows", [])),
+                   rows.get("correct", d.get("_harm_rows", [])), rows.get("flagged_correct", d.get("_flagged_harm_rows", [])))
+
+
+@dataclass
+class InterventionResults:
+    """The experiment on every task of a dataset, with its settings."""
+
+    settings: dict
+    tasks: dict[str, TaskInterventions] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"settings": self.settings, **{t: r.to_dict() for t, r in self.tasks.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "InterventionResults":
+        """Read ``interventions.json`` (a task is a section with ``dose_response``)."""
+        rows = d.get("rows", {})
+        return cls(d.get("settings", {}), {t: TaskInterventions.from_dict(v, rows.get(t)) for t, v in d.items()
+                                           if isinstance(v, dict) and "dose_response" in v})
+
+
 def run_experiment(att: Attributor, classifier: StepClassifier | None, records: Sequence[Record],
                    config: InterventionConfig = InterventionConfig(), progress: bool = True,
-                   scores: Mapping[tuple[str, int], float] | None = None) -> dict:
+                   scores: Mapping[tuple[str, int], float] | None = None) -> InterventionResults:
     """The experiment on a labelled dataset, per task (see the module docstring).
 
     ``scores``: ``{(problem_id, step_index): p_faulty}`` to flag by (e.g. out of fold); else ``classifier`` scores
@@ -219,7 +266,7 @@ def run_experiment(att: Attributor, classifier: StepClassifier | None, records: 
     describe = store.description if store is not None else None
     p_of = (lambda r, k: float(scores.get((r.problem_id, k), float("nan")))) if scores is not None else \
         (lambda r, k: step_probability(att, classifier, r, k))  # type: ignore[arg-type]
-    out: dict = {"settings": asdict(config)}
+    out = InterventionResults(asdict(config))
     for task in sorted({r.task for r in records}):
         recs = [r for r in records if r.task == task and r.steps]
         solved = [r for r in recs if r.solved]
@@ -250,9 +297,8 @@ def run_experiment(att: Attributor, classifier: StepClassifier | None, records: 
                 flagged_rows.append(run_step(att, r, k, config, rng, reference, p_of(r, k), doses=False)[0])
         else:
             flagged_rows = [h for h in harm_rows if h["p_faulty"] >= config.threshold]
-        out[task] = summarize(faulty, rows, harm_rows, flagged_rows, config, config.seed)
-        out[task]["examples"] = cases
-        out[task]["_rows"], out[task]["_harm_rows"], out[task]["_flagged_harm_rows"] = rows, harm_rows, flagged_rows
+        out.tasks[task] = TaskInterventions(summarize(faulty, rows, harm_rows, flagged_rows, config, config.seed),
+                                            cases, rows, harm_rows, flagged_rows)
     return out
 
 
@@ -267,20 +313,16 @@ def _ci(d: dict) -> str:
     return f"{100 * d['value']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
 
 
-def tasks_of(results: dict) -> list[str]:
-    return [t for t, v in results.items() if isinstance(v, dict) and "dose_response" in v]
-
-
-def markdown(results: dict) -> str:
+def markdown(results: InterventionResults) -> str:
     """The experiment's tables (percent, 95% intervals over problems)."""
-    s = results.get("settings", {})
+    s = results.settings
     lines = [f"Primary rule `{s.get('rule')}`, factor {s.get('factor')} (0 = clamp), k = {s.get('k')}, edits at the "
              "suspect position; rates over flagged faulty steps whose unedited regeneration reproduces the fault.", "",
              "| task | flagged faulty | reproduced | unmatched | answer fix: targeted | control | targeted − control | "
              "step fix: targeted | control | targeted − control | harm (random correct) | harm (flagged correct) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for t in tasks_of(results):
-        r = results[t]
+    for t, task in results.tasks.items():
+        r = task.figures
         a, st = r["ci"]["answer_fix"], r["ci"]["step_fix"]
         lines.append(f"| {t} | {r['flagged_faulty']} of {r['faulty_steps']} | {r['reproduced']} | {r['ci']['unmatched']} | "
                      f"{_ci(a['targeted'])} | {_ci(a['control'])} | {_ci(a['difference'])} | {_ci(st['targeted'])} | "
@@ -289,15 +331,15 @@ def markdown(results: dict) -> str:
     lines += ["", "Selection rules (at the primary factor):", "",
               "| task | rule | matched | step fix: targeted | control | difference | answer fix: difference | harm |",
               "|---|---|---|---|---|---|---|---|"]
-    for t in tasks_of(results):
-        for rule, v in results[t]["rules"].items():
+    for t, task in results.tasks.items():
+        for rule, v in task.figures["rules"].items():
             lines.append(f"| {t} | {rule} | {_pct(v['matched_share'])} | {_ci(v['step_fix']['targeted'])} | "
                          f"{_ci(v['step_fix']['control'])} | {_ci(v['step_fix']['difference'])} | "
                          f"{_ci(v['answer_fix']['difference'])} | {_ci(v['harm'])} |")
     lines += ["", "Dose-response (primary rule; factor 1 = no edit, 0 = clamp, < 0 = reversed):", "",
               "| task | factor | step fix: targeted | control | difference |", "|---|---|---|---|---|"]
-    for t in tasks_of(results):
-        for d in results[t]["dose_response"]:
+    for t, task in results.tasks.items():
+        for d in task.figures["dose_response"]:
             lines.append(f"| {t} | {d['factor']:g} | {_ci(d['step_fix']['targeted'])} | {_ci(d['step_fix']['control'])} | "
                          f"{_ci(d['step_fix']['difference'])} |")
     return "\n".join(lines)
@@ -318,16 +360,14 @@ def format_example(ex: dict) -> str:
     return "\n".join(lines)
 
 
-def write_results(results: dict, run_dir: str | Path, command: str = "") -> dict[str, Path]:
+def write_results(results: InterventionResults, run_dir: str | Path, command: str = "") -> dict[str, Path]:
     """``interventions.json`` (with per-step rows), ``interventions.md`` (tables and worked cases) in ``run_dir``."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    public = {k: ({kk: vv for kk, vv in v.items() if not kk.startswith("_")} if isinstance(v, dict) else v) for k, v in results.items()}
-    rows = {t: {"faulty": v["_rows"], "correct": v["_harm_rows"], "flagged_correct": v["_flagged_harm_rows"]}
-            for t, v in results.items() if isinstance(v, dict) and "_rows" in v}
+    rows = {t: r.rows_dict() for t, r in results.tasks.items()}
     files = {"json": run_dir / "interventions.json", "md": run_dir / "interventions.md"}
-    files["json"].write_text(json.dumps({**public, "rows": rows, "command": command}, indent=1, default=float) + "\n")
-    examples = [format_example(e) for t in tasks_of(public) for e in public[t]["examples"]]
+    files["json"].write_text(json.dumps({**results.to_dict(), "rows": rows, "command": command}, indent=1, default=float) + "\n")
+    examples = [format_example(e) for r in results.tasks.values() for e in r.examples]
     files["md"].write_text(f"# Interventions\n\n`{command}`\n\n{markdown(results)}\n\n## Worked cases\n\n"
                            + ("\n\n".join(f"```\n{e}\n```" for e in examples) or "none") + "\n")
     return files
