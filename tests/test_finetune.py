@@ -119,6 +119,7 @@ def test_loss_mask_is_the_assistant_turn_on_smollm2s_template():
 
 
 SHIPPED_ADAPTER = Path(__file__).resolve().parents[1] / "models" / "smollm2-crv-lora"
+SHIPPED_TRANSCODERS = Path(__file__).resolve().parents[1] / "models" / "smollm2-transcoders"
 
 
 @pytest.mark.slow
@@ -144,3 +145,17 @@ def test_the_shipped_adapter_rebuilds_the_trained_model_exactly(tmp_path, monkey
     assert exit_.value.code == 0, capsys.readouterr()
     assert sha256_file(tmp_path / "ft" / "model.safetensors") == manifest["merged_sha256"]
     assert json.loads((tmp_path / "ft" / "crv_model.json").read_text())["chat"] == SHORT_CHAT
+    # the shipped transcoder set reads the rebuilt model: its MLPs are reconstructed on fresh chat traces
+    import random
+
+    from crv.lm.encode import trace_encoder
+    from crv.lm.load import load_model
+    from crv.transcoders.activations import cot_sequences
+    from crv.transcoders.io import load_transcoders
+    from crv.transcoders.metrics import layer_quality
+
+    model, tok = load_model(tmp_path / "ft")
+    ts = load_transcoders(SHIPPED_TRANSCODERS, model=model)
+    seqs = cot_sequences(trace_encoder(tok, tmp_path / "ft"), random.Random(5), 8, n_max=4, task="arith")
+    fvu = sorted(q.fvu for q in layer_quality(model, ts, seqs, tok.pad_token_id, batch=8))
+    assert fvu[-1] < 0.35 and fvu[len(fvu) // 2] < 0.15, fvu
