@@ -71,7 +71,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="*", default=[2027, 2028, 2029])
     ap.add_argument("--max-faulty", type=int, default=120, help="flagged faulty steps per task")
     ap.add_argument("--harm-steps", type=int, default=100, help="correct steps per harm sample and task")
-    ap.add_argument("--k", type=int, default=3)
+    ap.add_argument("--edits", dest="k", type=int, default=3, help="features edited per arm")
     ap.add_argument("--factor", type=float, default=0.0)
     ap.add_argument("--rule", default="logit")
     ap.add_argument("--threshold", type=float, default=0.5)

@@ -655,7 +655,7 @@ def intervene_cmd(
     prompt_format: Optional[str] = typer.Option(None, help="Prompt format: plain or chat (default: the model's own)."),
     transcoders: Optional[Path] = typer.Option(None, help="Transcoder directory (default: the shipped set)."),
     max_feature_nodes: Optional[int] = typer.Option(None, help="Feature-node cap of the graphs (default: the verifier's training setting)."),
-    k: int = typer.Option(3, help="Features edited per arm."),
+    edits: int = typer.Option(3, help="Features edited per arm (--k is the TopK size everywhere else)."),
     factor: float = typer.Option(0.0, help="The edit: the chosen features' activations at the suspect position times this (0: clamp)."),
     rule: str = typer.Option("logit", help="Primary selection rule: logit, fingerprint or anomalous (all three are compared)."),
     locate: str = typer.Option("uncertain", help="Suspect position: uncertain (no labels) or oracle (first wrong character)."),
@@ -675,7 +675,7 @@ def intervene_cmd(
     from crv.tasks.schema import read_records
 
     try:
-        cfg = InterventionConfig(k=k, factor=factor, rule=rule, locate=locate, threshold=threshold,
+        cfg = InterventionConfig(k=edits, factor=factor, rule=rule, locate=locate, threshold=threshold,
                                  max_faulty=max_faulty, harm_steps=harm_steps, seed=seed)
         clf = StepClassifier.load(classifier or DEFAULT_CLASSIFIER)
     except (ValueError, FileNotFoundError) as e:
