@@ -84,9 +84,11 @@ def main() -> None:
         "tokens_measured": sum(len(q) for q in seqs),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    old = json.loads(args.out.read_text()) if args.out.is_file() else {}
     if args.key:
-        old = json.loads(args.out.read_text()) if args.out.is_file() else {}
         result = {**old, args.key: {**result, "model": str(args.model)}}
+    else:  # the shipped set's figures at the top level; other models' sections (dicts with "layers") stay
+        result = {**result, **{k: v for k, v in old.items() if isinstance(v, dict) and "layers" in v}}
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"targets met: {ok}; wrote {args.out}")
 

@@ -150,14 +150,17 @@ def test_replacement_hooks_are_removed(tiny_reasoner_dir, tmp_path):
     with replaced_mlps(model, load_transcoders(tmp_path, model=model)):
         during = model(input_ids=ids).logits
     # the same replacement written out with the in-memory transcoders (another code path): layer i's MLP -> ts[i]
+    # at every position but the lead token's, whose MLP outputs stay the model's (no features there, as in the graphs)
     mlps = [layer.mlp for layer in model.model.layers]
-    handles = [m.register_forward_hook(lambda mod, args, out, t=t: t(args[0])) for m, t in zip(mlps, ts)]
+    handles = [m.register_forward_hook(lambda mod, args, out, t=t: torch.cat([out[:, :1], t(args[0])[:, 1:]], 1))
+               for m, t in zip(mlps, ts)]
     try:
         reference = model(input_ids=ids).logits
     finally:
         for h in handles:
             h.remove()
     assert torch.allclose(during, reference, atol=1e-5) and not torch.allclose(before, reference, atol=1e-3)
+    assert torch.allclose(during[:, 0], before[:, 0], atol=1e-6)  # position 0 sees only itself: unchanged
     assert torch.equal(model(input_ids=ids).logits, before)
 
 

@@ -31,11 +31,20 @@ class ReplacementQuality:
 
 @contextmanager
 def replaced_mlps(model: PreTrainedModel, transcoders: TranscoderSet) -> Iterator[None]:
-    """Temporarily replace every MLP's output with its transcoder's reconstruction."""
-    handles = [
-        mlp.register_forward_hook(lambda module, args, out, tc=transcoders[i]: tc(args[0]))
-        for i, mlp in enumerate(mlp_modules(model))
-    ]
+    """Temporarily replace every MLP's output with its transcoder's reconstruction, except at position 0.
+
+    Position 0 is the lead token (BOS or a chat template's first special token): circuit-tracer gives it no
+    features, so in the graphs its MLP outputs are error nodes whole, and transcoders are trained without it.
+    On real models it is the attention sink, with MLP outputs 10-30x the others' (SmolLM2: norm ~1,000 at
+    layer 27): reconstructed there, every later position reads a broken sink (next-token agreement 0.01)."""
+
+    def hook(module, args, out, tc):  # type: ignore[no-untyped-def]
+        new = tc(args[0]).to(out.dtype)
+        new[:, :1] = out[:, :1]
+        return new
+
+    handles = [mlp.register_forward_hook(lambda m, a, o, tc=transcoders[i]: hook(m, a, o, tc))
+               for i, mlp in enumerate(mlp_modules(model))]
     try:
         yield
     finally:
