@@ -137,8 +137,10 @@ def seed_table(att: Attributor, records: list[Record], path: Path, graph_dir: Pa
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--arith", nargs="+", default=["3=40", "5=60", "7=400", "10=600"], help="arithmetic problems per n, per seed")
-    ap.add_argument("--bool", nargs="+", default=["3=20", "5=20", "7=40", "10=400"], help="boolean problems per n, per seed")
+    ap.add_argument("--arith", nargs="*", default=["3=40", "5=60", "7=400", "10=600"],
+                    help="arithmetic problems per n, per seed (none: boolean only)")
+    ap.add_argument("--bool", nargs="*", default=["3=20", "5=20", "7=40", "10=400"],
+                    help="boolean problems per n, per seed (none: arithmetic only)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[2027, 2028, 2029], help="one fresh dataset per seed")
     ap.add_argument("--max-feature-nodes", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=2)
@@ -178,7 +180,9 @@ def main() -> None:
     extra = tuple(args.extra_target)
     att = Attributor.load(args.model, args.transcoders, AttributionConfig(max_feature_nodes=args.max_feature_nodes or None),
                           device=args.device)
-    tasks = {"arith": counts(args.arith), "bool": counts(args.bool)}
+    tasks = {t: c for t, c in (("arith", counts(args.arith)), ("bool", counts(args.bool))) if c}
+    if not tasks:
+        ap.error("no problems: give --arith or --bool counts")
 
     start = time.time()
     records: dict[int, list[Record]] = {}

@@ -192,3 +192,13 @@ def test_row_kernel_gives_the_reference_rows(model_fixture, request, tmp_path):
                 got = kernel.rows(layer, chunk)
                 assert got.shape == ref.shape
                 assert torch.allclose(got, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max())), (use_table, layer)
+        # one sweep over features of every layer at once (how the cache calls it): each layer's rows as above
+        mixed = torch.randperm(lin.n_features, generator=torch.Generator().manual_seed(0))[:97]
+        seen = 0
+        for layer, chunk, got in kernel.sweep(mixed):
+            assert bool((lin.features.layer[chunk] == layer).all())
+            ref, _ = lin.rows(layer, lin.features.pos[chunk], lin.feature_reading_vectors(chunk))
+            ref = ref[:, columns[layer]]
+            assert torch.allclose(got, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max())), (use_table, layer)
+            seen += len(chunk)
+        assert seen == len(mixed)

@@ -141,20 +141,26 @@ class RowCache:
 
     def _compute(self, missing: torch.Tensor) -> None:
         lin = self.lin
+        if self.kernel is not None:  # one sweep per batch of any layers, batches of nearby positions
+            missing = missing[lin.features.pos[missing].argsort(stable=True)]
+            for start in range(0, len(missing), self.batch_size):
+                for layer, chunk, rows in self.kernel.sweep(missing[start : start + self.batch_size]):
+                    self._store(layer, chunk, rows)
+            return
         layers = lin.features.layer[missing]
         for layer in layers.unique().tolist():
             sel = missing[layers == layer]
             sel = sel[lin.features.pos[sel].argsort(stable=True)]  # short position range per batch
             for start in range(0, len(sel), self.batch_size):
                 chunk = sel[start : start + self.batch_size]
-                if self.kernel is not None:
-                    rows = self.kernel.rows(layer, chunk)
-                else:
-                    rows = lin.rows(layer, lin.features.pos[chunk], lin.feature_reading_vectors(chunk))[0][:, self.columns[layer]]
-                start, end = self.store[layer].append(rows)
-                self.slot[chunk] = torch.arange(start, end, device=self.device)
-                self.abs_sum[chunk] = rows.abs().sum(1)
-                self.rows_computed += len(chunk)
+                rows = lin.rows(layer, lin.features.pos[chunk], lin.feature_reading_vectors(chunk))[0][:, self.columns[layer]]
+                self._store(layer, chunk, rows)
+
+    def _store(self, layer: int, chunk: torch.Tensor, rows: torch.Tensor) -> None:
+        start, end = self.store[layer].append(rows)
+        self.slot[chunk] = torch.arange(start, end, device=self.device)
+        self.abs_sum[chunk] = rows.abs().sum(1)
+        self.rows_computed += len(chunk)
 
     def gather(self, idx: torch.Tensor, cols: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Rows of features ``idx`` restricted to source columns ``cols`` (computing missing rows).
@@ -342,6 +348,7 @@ class TraceAttribution:
             # circuit-tracer visits update_interval batches of batch_size features before it re-ranks
             queue = rank[~visited[rank]][: min(cfg.update_interval * cfg.batch_size, budget - n_visited)]
             queue_layers = layer_of[queue]
+            self.cache.ensure(feats[queue[queue_layers > 0]])  # the round's rows in few sweeps, not one call per layer
             for layer in queue_layers.unique().tolist():
                 if layer == 0:
                     continue  # layer-0 features have no feature sources

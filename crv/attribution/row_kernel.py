@@ -1,13 +1,15 @@
-"""Edge rows of many targets of one layer at once, with path coefficients shared by position.
+"""Edge rows of many targets at once: one backward sweep per batch, from the highest layer down.
 
-The backward pass of a target read at position ``p`` through frozen attention layers is a sum
-over paths (skip, or one head per crossed layer): vector ``v K_path`` at every position ``q``
-with coefficient ``C_path[p, q]`` (a product of attention patterns and norm scales). The
-vectors depend on the target, the coefficients only on its position and the path, so they are
-computed once per position for the whole batch (``[P, R, T]``), not once per target as
-:meth:`LinearReplacement.rows` does. Edges into a layer's sources need the gradient densely
-(``[B, T, d]``: one bmm per batch); once carrying ``R`` paths costs more than the dense backward
-(``R (1 + H) T d`` against ``T d (2d + T)`` per target), the batch switches to the dense form.
+A target read at position ``p`` of ``mid_l`` has its row from the gradient of that read through
+the frozen attention layers ``l, l-1, ..., 0`` (MLPs are nodes: the residual passes them). The
+gradients of a batch of targets of *any* layers are carried together: sorted by layer, highest
+first, the targets already descending at attention layer ``m`` are a prefix of one ``[B, T, d]``
+tensor, so each crossing is one batched product (``T``: the batch's last position + 1; the
+cache hands the kernel position-sorted batches). A target joins at its own layer as a single
+vector at one position, whose first crossing is cheap (one attention row, no ``[T, d] x [d, d]``).
+Edges into a layer's sources are read off the gradient as it passes: decoder vectors times
+activations (features), error vectors (errors), embeddings (tokens). Token columns of many
+targets can instead come from a per-trace token table (built once it pays: ski rental).
 
 Rows come out in the compact column layout of :class:`~crv.attribution.engine.RowCache`
 (features and errors of lower layers, then tokens), never as a zero-filled ``[B, n_sources]``.
@@ -59,13 +61,6 @@ class RowKernel:
         lin = self.lin
         return T * lin.d * lin.d + lin.n_heads * T * T * lin.d_head + T * lin.n_kv * lin.d_head * lin.d + T * lin.d
 
-    def _factored_is_cheaper(self, R: int, T: int) -> bool:
-        """Per target, over positions < T: carrying R paths through one more layer vs the dense backward."""
-        lin = self.lin
-        d, H, dh = lin.d, lin.n_heads, lin.d_head
-        factored = R * (1 + H) * T * d + R * (d * d + H * dh * d)  # densify for the next edges + new vectors
-        return factored < self._dense_crossing(T)
-
     def _use_token_table(self, B: int, T: int) -> bool:
         """Ski rental: build the token table once the per-target token work would pass its cost."""
         if self.token_table is None and self._table_fits:
@@ -107,72 +102,93 @@ class RowKernel:
         return lin.layer_offsets[layer] + layer * lin.n_pos + lin.n_pos
 
     def rows(self, layer: int, idx: Int[Tensor, " B"]) -> Float[Tensor, "B columns"]:
-        """Compact rows ``[len(idx), columns(layer)]`` of features ``idx`` (all of layer ``layer``)."""
-        lin, dev = self.lin, self.lin.device
-        pos, vectors = lin.features.pos[idx], lin.feature_reading_vectors(idx)
-        B, d, H = len(pos), lin.d, lin.n_heads
-        T = int(pos.max()) + 1
-        off = lin.layer_offsets
-        n_feat_cols = off[layer]
-        out = torch.empty(B, self.columns(layer), device=dev)
-        token_start = n_feat_cols + layer * lin.n_pos
-        # columns a row has no edge into: errors at positions >= T, features written at positions >= T
-        out[:, n_feat_cols:token_start].zero_()
-        out[:, token_start:].zero_()
-        upos, pidx = torch.unique(pos, return_inverse=True)
-        vecs = vectors[:, None, :]  # [B, R, d]
-        coef = torch.zeros(len(upos), 1, T, device=dev)  # [P, R, T]
-        coef[torch.arange(len(upos), device=dev), 0, upos] = 1.0
-        G: torch.Tensor | None = None
+        """Compact rows ``[len(idx), columns(layer)]`` of features ``idx`` (all of layer ``layer``), in order."""
+        if bool((self.lin.features.layer[idx] != layer).any()):
+            raise ValueError(f"rows(layer={layer}, idx): every feature of idx must be of layer {layer}; sweep() takes any")
+        ((_, got, rows),) = self.sweep(idx)
+        return rows[_positions(got, idx)]
 
-        def cross(m: int) -> None:
-            """Backward through attention layer m (residual kept)."""
-            nonlocal vecs, coef, G
-            R = vecs.shape[1] if G is None else 0
-            if G is None and self._factored_is_cheaper(R, T):
-                u = torch.einsum("brd,hde->brhe", vecs, self.W_O[m])
-                new_vecs = torch.einsum("brhe,hed->brhd", u, self.W_V[m]).reshape(B, R * H, d)
-                A = self.attn[m][:, :T, :T]  # [H, q, k]
-                new_coef = (coef.reshape(-1, T) @ A.permute(1, 0, 2).reshape(T, H * T)).view(len(upos), R * H, T)
-                vecs, coef = torch.cat([vecs, new_vecs], 1), torch.cat([coef, new_coef], 1)
-                return
-            Gd = dense()
-            A = self.attn[m][:, :T, :T]
-            dh, Hkv = lin.d_head, lin.n_kv
-            u = torch.einsum("btd,hde->htbe", Gd, self.W_O[m]).reshape(H, T, B * dh)
-            z = torch.bmm(A.transpose(1, 2), u).view(Hkv, H // Hkv, T, B, dh).sum(1)  # [Hkv, k, B, dh]
-            G = Gd + torch.einsum("hkbe,hed->bkd", z, self.W_V_kv[m])
-            vecs = coef = None  # type: ignore[assignment]
+    def sweep(self, idx: Int[Tensor, " B"]) -> list[tuple[int, Int[Tensor, " n"], Float[Tensor, "n columns"]]]:
+        """Compact rows of features ``idx`` of any layers, by one backward sweep from the highest layer down.
 
-        def dense() -> torch.Tensor:
-            if G is not None:
-                return G
-            return torch.bmm(coef[pidx].transpose(1, 2), vecs)  # [B, T, R] @ [B, R, d]
-
+        Rows are sorted by layer, highest first, so the rows whose backward pass has started by
+        attention layer ``m`` are a prefix ``G[:a_m]`` of one ``[B, T, d]`` gradient (``T``: the
+        chunk's last position + 1): each crossing is one batched product over every row still
+        descending, whatever layer it started at, instead of one small call per target layer.
+        A row starting at layer ``m`` enters as the one-position vector ``v`` at ``p``, and its
+        crossing of attention ``m`` costs ``T (H dh + Hkv dh d)``, not the dense ``T d (d + Hkv dh)``:
+        ``g[q] = [q = p] v + sum_h A_h[p, q] (v W_O,h) W_V,h``. Returns ``(layer, feature indices,
+        rows)`` per layer present, rows in :meth:`columns` layout.
+        """
+        lin = self.lin
+        dev = lin.device
+        idx = idx[torch.argsort(lin.features.layer[idx], descending=True, stable=True)]
+        layer, pos = lin.features.layer[idx], lin.features.pos[idx]
+        B, d, n_pos, off = len(idx), lin.d, lin.n_pos, lin.layer_offsets
+        T, top = int(pos.max()) + 1, int(layer[0])
+        # rows whose pass has started by layer m: a prefix of length n_ge[m]
+        n_ge = (torch.bincount(layer, minlength=top + 2).flip(0).cumsum(0).flip(0)).tolist()
+        vectors = lin.feature_reading_vectors(idx)
+        err0 = off[top]
+        tok0 = err0 + top * n_pos
+        buf = torch.zeros(B, tok0 + n_pos, device=dev)  # every row in the layout of a layer-`top` row
+        G = torch.empty(B, T, d, device=dev)
         table = self._use_token_table(B, T)
-        if layer == 0 and table:
-            out[:, token_start : token_start + T] = self.token_table[idx, :T]  # type: ignore[index]
-            return out
-        j = layer
-        cross(j)
-        while j > 0:
-            D = dense()
-            src = j - 1
+        for m in range(top, -1, -1):
+            a0, a = n_ge[m + 1], n_ge[m]
+            if m == 0 and table:
+                break
+            if a0:
+                self._cross(m, G[:a0])
+            if a > a0:
+                G[a0:a] = self._enter(m, vectors[a0:a], pos[a0:a], T)
+            D = G[:a]
+            if m == 0:
+                buf[:, tok0 : tok0 + T] = torch.einsum("btd,td->bt", D, lin.cap.embed[:T])
+                break
+            src = m - 1
             block, acts, index = lin._blocks[src]
             # edges from layer-src features: per position, D[b, t] . decoder[t, k] * act[t, k]
             contrib = torch.bmm(D.transpose(0, 1), block[:T].float().transpose(1, 2)).transpose(0, 1) * acts[:T]
             src_index = index[:T]
             valid = src_index >= 0
-            feat_out = out[:, off[src] : off[src + 1]]  # compact feature columns = global feature indices
-            feat_out.zero_()
-            feat_out[:, src_index[valid] - off[src]] = contrib[:, valid]
-            e0 = n_feat_cols + src * lin.n_pos
-            out[:, e0 : e0 + T] = torch.einsum("btd,td->bt", D, lin.errors[src, :T])
-            j = src
-            if j == 0 and table:
-                out[:, token_start : token_start + T] = self.token_table[idx, :T]  # type: ignore[index]
-                return out
-            cross(j)
-        D = dense()
-        out[:, token_start : token_start + T] = torch.einsum("btd,td->bt", D, lin.cap.embed[:T])
+            buf[:a, src_index[valid]] = contrib[:, valid]  # feature columns = global feature indices
+            e0 = err0 + src * n_pos
+            buf[:a, e0 : e0 + T] = torch.einsum("btd,td->bt", D, lin.errors[src, :T])
+        if table:
+            buf[:, tok0 : tok0 + T] = self.token_table[idx, :T]  # type: ignore[index]
+        out = []
+        for l in range(top, -1, -1):
+            r0, r1 = n_ge[l + 1], n_ge[l]
+            if r1 > r0:
+                rows = buf[r0:r1]
+                out.append((l, idx[r0:r1], torch.cat([rows[:, : off[l]], rows[:, err0 : err0 + l * n_pos],
+                                                      rows[:, tok0 : tok0 + n_pos]], 1)))
         return out
+
+    def _cross(self, m: int, G: Float[Tensor, "B T d"]) -> None:
+        """Backward through attention layer ``m`` in place (residual kept): ``G += sum_h A_h^T G W_O,h W_V,h``."""
+        lin = self.lin
+        B, T, _ = G.shape
+        H, Hkv, dh = lin.n_heads, lin.n_kv, lin.d_head
+        A = self.attn[m][:, :T, :T]
+        u = torch.einsum("btd,hde->htbe", G, self.W_O[m]).reshape(H, T, B * dh)
+        z = torch.bmm(A.transpose(1, 2), u).view(Hkv, H // Hkv, T, B, dh).sum(1)  # [Hkv, k, B, dh]
+        G += torch.einsum("hkbe,hed->bkd", z, self.W_V_kv[m])
+
+    def _enter(self, m: int, v: Float[Tensor, "b d"], p: Int[Tensor, " b"], T: int) -> Float[Tensor, "b T d"]:
+        """Gradient below attention layer ``m`` of reads ``v`` at positions ``p`` (one position each)."""
+        lin = self.lin
+        b, H, Hkv, dh = len(p), lin.n_heads, lin.n_kv, lin.d_head
+        u = torch.einsum("bd,hde->bhe", v, self.W_O[m])  # [b, H, dh]
+        a = self.attn[m][:, p, :T].transpose(0, 1)  # [b, H, T]: A_h[p_b, q]
+        z = (a[..., None] * u[:, :, None, :]).view(b, Hkv, H // Hkv, T, dh).sum(2)  # [b, Hkv, T, dh]
+        g = torch.einsum("bkte,ked->btd", z, self.W_V_kv[m])
+        g[torch.arange(b, device=v.device), p] += v
+        return g
+
+
+def _positions(got: Tensor, idx: Tensor) -> Tensor:
+    """For each entry of ``idx``, its index in ``got`` (a permutation of ``idx`` with distinct entries)."""
+    order = torch.argsort(got)
+    return order[torch.searchsorted(got[order], idx.contiguous())]
