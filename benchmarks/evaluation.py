@@ -44,6 +44,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import pandas as pd
+import crv  # noqa: F401  (first: sets OMP_WAIT_POLICY=PASSIVE before torch loads OpenMP)
 import torch
 
 from crv.attribution.attributor import Attributor

@@ -17,6 +17,7 @@ import shlex
 import sys
 from pathlib import Path
 
+import crv  # noqa: F401  (first: sets OMP_WAIT_POLICY=PASSIVE before torch loads OpenMP)
 import torch
 
 from crv.lm.encode import trace_encoder

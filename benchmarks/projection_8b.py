@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import crv  # noqa: F401  (first: sets OMP_WAIT_POLICY=PASSIVE before torch loads OpenMP)
 import torch
 
 RESULTS = Path(__file__).parent / "results"

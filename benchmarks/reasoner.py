@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import crv  # noqa: F401  (first: sets OMP_WAIT_POLICY=PASSIVE before torch loads OpenMP)
 import torch
 
 from crv.reasoner.generate import GenerationConfig, generate_records

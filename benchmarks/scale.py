@@ -19,6 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import crv  # noqa: F401  (first: sets OMP_WAIT_POLICY=PASSIVE before torch loads OpenMP)
 import torch
 
 from crv.attribution.attributor import Attributor
