@@ -84,6 +84,24 @@ def to_networkx(s: GraphSummary) -> nx.DiGraph:
     return g
 
 
+#: finer groups of the fingerprint's names, for importance by group (name prefix -> group)
+FEATURE_GROUPS = (
+    ("n_active_features", "size"), ("n_pruned_", "size"), ("top_logit_prob", "logits"), ("logit_entropy", "logits"),
+    ("error_influence_share", "errors"), ("act_", "activation"), ("infl_", "influence"), ("layer_hist_", "layers"),
+    ("density", "density"), ("in_deg_", "degree"), ("out_deg_", "degree"), ("betweenness_", "betweenness"),
+    ("n_weak_components", "components"), ("edge_weight_", "edge weights"), ("longest_token_logit_path", "paths"),
+)
+
+
+def feature_group(name: str) -> str:
+    """The group of a fingerprint name (``"act_max"`` -> ``"activation"``; a ``"target:"`` prefix is kept in front)."""
+    target, _, bare = name.rpartition(":")
+    for prefix, group in FEATURE_GROUPS:
+        if bare.startswith(prefix):
+            return f"{target}:{group}" if target else group
+    raise KeyError(f"{name!r} is not a fingerprint feature name")
+
+
 def fingerprint_summary(s: GraphSummary) -> dict[str, float]:
     """The named feature vector of one summarised step graph."""
     kind = s.node_kind
