@@ -52,7 +52,7 @@ from crv.attribution.engine import AttributionConfig
 from crv.evaluate.methods import EvalConfig, TextInputs
 from crv.evaluate.pipeline import run_evaluation
 from crv.evaluate.prm import PRMConfig
-from crv.evaluate.report import markdown_table, write_report
+from crv.evaluate.report import markdown_table, models_png, write_report
 from crv.evaluate.results import EvaluationResults
 from crv.evaluate.run import seed_spread, stored_evaluation
 from crv.extract import FingerprintArchive, archive_fingerprints, build_step_table, trace_keys
@@ -304,6 +304,10 @@ def write_figures(results: EvaluationResults, spread: dict, tasks: dict, setting
     suffix = f"-{key}" if key else ""
     (RESULTS / f"evaluation{suffix}.md").write_text(f"# Evaluation\n\n`{command}`\n\n{results.extra['markdown']}\n")
     shutil.copy(run_dir / "summary.png", RESULTS / f"evaluation{suffix}.png")
+    models = {"reasoner": {t: data[t] for t in ("arith", "bool") if t in data}}
+    models.update({k: v for k, v in data.items() if isinstance(v, dict) and "settings" in v and k not in models})
+    if len(models) > 1:  # every model's AUROCs side by side
+        (RESULTS / "evaluation-models.png").write_bytes(models_png(models))
     print(f"wrote {RESULTS / 'evaluation.json'} (build {settings['build_seconds']} s, "
           f"evaluation {settings['eval_seconds']} s)", flush=True)
 

@@ -240,3 +240,48 @@ def write_report(results: EvaluationResults, run_dir: str | Path, command: str) 
         f"<h2>Methods</h2><ul>{rows}</ul>"
     )
     return paths
+
+
+def models_png(sections: dict[str, dict]) -> bytes:
+    """Per task, every method's AUROC with its interval for several models side by side.
+
+    ``sections``: model name -> its evaluation figures (the layout of ``evaluation.json``: task -> ``methods``).
+    Methods are ordered by the first model's AUROC; a method a model has no figure for is left out for it.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = [t for t in dict.fromkeys(t for s in sections.values() for t in s) if any("methods" in s.get(t, {}) for s in
+                                                                                        sections.values())]
+    if not tasks:
+        raise ValueError("no model has figures for any task")
+    colors = ["crimson", "steelblue", "darkorange", "seagreen"]
+    n_methods = max(len(s[t]["methods"]) for s in sections.values() for t in tasks if "methods" in s.get(t, {}))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 0.33 * n_methods + 2), squeeze=False)
+    for ax, t in zip(axes[0], tasks):
+        first = next(s[t]["methods"] for s in sections.values() if "methods" in s.get(t, {}))
+        names = sorted(dict.fromkeys(m for s in sections.values() for m in s.get(t, {}).get("methods", {})),
+                       key=lambda m: first.get(m, {}).get("auroc", 0.0))
+        for j, (model, s) in enumerate(sections.items()):
+            ms = s.get(t, {}).get("methods", {})
+            off = (j - (len(sections) - 1) / 2) * 0.25
+            label = f"{model} ({s[t]['n_faulty']} faulty)" if "n_faulty" in s.get(t, {}) else model
+            for i, m in enumerate(names):
+                if m not in ms:
+                    continue
+                a = 100 * ms[m]["auroc"]
+                lo, hi = (100 * v for v in (ms[m].get("auroc_ci") or (ms[m]["auroc"], ms[m]["auroc"])))
+                ax.errorbar(a, i + off, xerr=[[a - lo], [hi - a]], fmt="o", color=colors[j % len(colors)],
+                            ms=6 if m == "crv" else 3.5, lw=2 if m == "crv" else 1, capsize=2,
+                            label=label if i == next(k for k, n in enumerate(names) if n in ms) else None)
+        ax.set_yticks(range(len(names)), names, fontsize=8)
+        ax.axvline(50, color="k", ls=":", lw=0.8)
+        ax.set(title=f"{t}: AUROC, 95% interval by problem", xlabel="AUROC (%)")
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return buf.getvalue()
