@@ -251,8 +251,8 @@ def main() -> None:
     # with a second process made a pooled (3-seed) PRM fold take 684-2,180 s, against 65-97 s for one seed's
     # data with the cores to itself: far more than the overlap saves
     seed_cfg = cfg if args.seed_prm else EvalConfig(folds=args.folds, n_boot=args.n_boot, prm=None)
-    settings = {"max_feature_nodes": args.max_feature_nodes, "arith_count_per_n": tasks["arith"],
-                "bool_count_per_n": tasks["bool"], "seeds": list(tables), "seeds_requested": args.seeds,
+    settings = {"max_feature_nodes": args.max_feature_nodes, "arith_count_per_n": tasks.get("arith", {}),
+                "bool_count_per_n": tasks.get("bool", {}), "seeds": list(tables), "seeds_requested": args.seeds,
                 "folds": args.folds, "n_boot": args.n_boot, "prm_epochs": args.prm_epochs,
                 "seed_evaluations_with_prm": bool(args.seed_prm and prm), "threads": args.threads,
                 "build_seconds": round(build_seconds), "step_target": "last", "extra_targets": list(extra),
