@@ -86,6 +86,9 @@ def main() -> None:
     ap.add_argument("--max-feature-nodes", type=int, default=1024, help="as the evaluation's graphs (part of the key)")
     ap.add_argument("--extra-target", nargs="*", default=["uncertain"],
                     help="the evaluation's extra step targets (part of the archive key; SmolLM2's: none)")
+    ap.add_argument("--tables", type=Path, nargs="*", default=None,
+                    help="step tables (parquet, <task>.parquet) to read instead of the archives, e.g. "
+                         "runs/benchmark-evaluation-smollm2/seed-2027/arith.parquet")
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--n-boot", type=int, default=500)
@@ -97,7 +100,13 @@ def main() -> None:
     data_dirs = [Path(__file__).parent / "data" / f"evaluation{suffix}" / f"seed-{s}" for s in args.seeds]
     sections = {}
     for task in args.tasks:
-        table, held, total = task_table(att, data_dirs, task, tuple(args.extra_target))
+        if args.tables is not None:  # complete step tables of the evaluation's run folder
+            parts = [pd.read_parquet(p).assign(problem_id=lambda t, p=p: p.parent.name + "/" + t["problem_id"])
+                     for p in args.tables if p.stem == task]
+            table = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+            held = total = int(table["problem_id"].nunique()) if parts else 0
+        else:
+            table, held, total = task_table(att, data_dirs, task, tuple(args.extra_target))
         if table.empty or table["faulty"].nunique() < 2:
             print(f"{task}: {held} of {total} traces archived, nothing to score", flush=True)
             continue
