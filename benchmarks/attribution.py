@@ -61,22 +61,27 @@ def peak_rss(n: int, seed: int, threads: int) -> float:
     return float(out)
 
 
-def crv_pipeline_ms(att: Attributor, recs: list, profile: dict[str, float] | None = None) -> tuple[float, int]:
-    """Total ms and steps of crv's step work over ``recs``: graph, pruning, fingerprint (one forward per trace)."""
+def every_step(tr, enc, n_steps: int) -> None:  # type: ignore[no-untyped-def]
+    """crv's work per step of one traced record: graph, pruning, fingerprint (timed in ``tr.timer``)."""
     from crv.attribution.prune import prune
     from crv.fingerprint.features import fingerprint_summary
     from crv.fingerprint.summary import summarize
 
+    for k in range(n_steps):
+        g = tr.graph(pos=enc.last(k), step_index=k)
+        with tr.timer("prune"):
+            pr = prune(g)
+        with tr.timer("fingerprint"):
+            fingerprint_summary(summarize(g, pr))
+
+
+def crv_pipeline_ms(att: Attributor, recs: list, profile: dict[str, float] | None = None) -> tuple[float, int]:
+    """Total ms and steps of crv's step work over ``recs``: graph, pruning, fingerprint (one forward per trace)."""
     steps, start = 0, time.perf_counter()
     for rec in recs:
         tr, enc = att.trace_record(rec)
-        for k in range(len(rec.steps)):
-            g = tr.graph(pos=enc.last(k), step_index=k)
-            with tr.timer("prune"):
-                pr = prune(g)
-            with tr.timer("fingerprint"):
-                fingerprint_summary(summarize(g, pr))
-            steps += 1
+        every_step(tr, enc, len(rec.steps))
+        steps += len(rec.steps)
         if profile is not None:
             for name, sec in tr.timer.totals.items():
                 profile[name] = profile.get(name, 0.0) + 1000 * sec

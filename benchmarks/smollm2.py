@@ -46,6 +46,9 @@ from crv.fingerprint.features import fingerprint_summary
 from crv.fingerprint.summary import summarize
 from crv.tasks.schema import Record, read_records
 
+sys.path.insert(0, str(Path(__file__).parent))
+from attribution import every_step  # noqa: E402  (the pipeline's per-step work, timed the same way in both benchmarks)
+
 RESULTS = Path(__file__).parent / "results" / "attribution.json"
 RECORDS = Path(__file__).parent / "data" / "evaluation-smollm2" / "seed-2027" / "arith-records.jsonl"
 COMPONENTS = ("forward", "logits", "greedy", "rows", "adjacency", "prune", "fingerprint")
@@ -77,12 +80,7 @@ def step_work(att: Attributor, rec: Record, count_flops: bool = False) -> tuple[
         forward_flops = (counter.get_total_flops() - before) if counter is not None else 0
         if counter is not None:
             tr.timer.count_with(counter.get_total_flops)
-        for k in range(len(rec.steps)):
-            g = tr.graph(pos=enc.last(k), step_index=k)
-            with tr.timer("prune"):
-                pr = prune(g)
-            with tr.timer("fingerprint"):
-                fingerprint_summary(summarize(g, pr))
+        every_step(tr, enc, len(rec.steps))
     finally:
         if counter is not None:
             counter.__exit__(None, None, None)
