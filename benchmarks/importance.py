@@ -95,7 +95,9 @@ def main() -> None:
     args = ap.parse_args()
     from crv.attribution.engine import AttributionConfig
 
-    att = Attributor.load(args.model, args.transcoders, AttributionConfig(max_feature_nodes=args.max_feature_nodes))
+    # the archives' keys need the model and set (checksums); step tables carry their rows already
+    att = (None if args.tables is not None else
+           Attributor.load(args.model, args.transcoders, AttributionConfig(max_feature_nodes=args.max_feature_nodes)))
     suffix = f"-{args.key}" if args.key else ""
     data_dirs = [Path(__file__).parent / "data" / f"evaluation{suffix}" / f"seed-{s}" for s in args.seeds]
     sections = {}
@@ -106,12 +108,11 @@ def main() -> None:
             table = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
             held = total = int(table["problem_id"].nunique()) if parts else 0
         else:
-            table, held, total = task_table(att, data_dirs, task, tuple(args.extra_target))
+            table, held, total = task_table(att, data_dirs, task, tuple(args.extra_target))  # type: ignore[arg-type]
         if table.empty or table["faulty"].nunique() < 2:
             print(f"{task}: {held} of {total} traces archived, nothing to score", flush=True)
             continue
-        cols = column_groups(table)["fingerprint"]
-        cols = [c for c in cols if c not in ("n", "step_index")]
+        cols = column_groups(table)["fingerprint"]  # the keys (problem, n, step, label) are not among them
         singles, groups, intact = permutation_importance(table, cols, folds=args.folds, repeats=args.repeats,
                                                          n_boot=args.n_boot)
         sections[task] = {

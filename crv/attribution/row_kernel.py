@@ -45,11 +45,10 @@ class RowKernel:
         H, Hkv, dh, d = lin.n_heads, lin.n_kv, lin.d_head, lin.d
         T = lin.n_pos
         # per layer: attention with the input-norm scale folded into the keys [H, q, k]; W_O per head
-        # [H, d, dh]; W_V per head (kv heads repeated) with the input-norm weight folded in [H, dh, d]
+        # [H, d, dh]; W_V per kv head with the input-norm weight folded in [Hkv, dh, d]
         self.attn = [lin.cap.attn[m, :, :T, :T] * lin.cap.scale_in[m, :T][None, None, :] for m in range(lin.n_layers)]
         self.W_O = [w.view(d, H, dh).permute(1, 0, 2).contiguous() for w in lin.W_O]
         self.W_V_kv = [(w.view(Hkv, dh, d) * lin.w_in[m]).contiguous() for m, w in enumerate(lin.W_V)]  # [Hkv, dh, d]
-        self.W_V = [w.repeat_interleave(H // Hkv, 0) for w in self.W_V_kv]  # per query head [H, dh, d]
         #: token columns of every feature's row ([n_features, T]), once building them beats the per-target way
         self.token_table: torch.Tensor | None = None
         self._token_work = 0  # multiply-adds spent on token columns the per-target way
