@@ -78,3 +78,23 @@ def test_training_stream_respects_the_difficulty_range():
     for row in ids:
         text = tok.decode(row, skip_special_tokens=True)
         assert text.count(" => ") == 4, text  # one reduction per operator
+
+
+def test_generation_budget_counts_the_models_tokens():
+    """The new-token budget is in tokens: equal to the character count on the char-level reasoner, and on a BPE
+    model the reference completion's token count (a character budget let one looping row hold a batch 3-5x longer)."""
+    from test_real_models import byte_level_bpe
+
+    from crv.reasoner.generate import token_budget
+    from crv.reasoner.tokenizer import build_tokenizer
+
+    problems = generate_problems("arith", 4, 3, seed=1)
+    cfg = GenerationConfig()
+    chars = max(max(int(cfg.length_factor * len(p.completion)) + cfg.slack, (p.n + 1) * (len(p.question) + cfg.slack))
+                for p in problems)
+    assert token_budget(TraceEncoder(build_tokenizer(), PlainFormat()), problems, cfg) == chars
+    bpe = byte_level_bpe()
+    tokens = max(max(int(cfg.length_factor * len(bpe(p.completion, add_special_tokens=False)["input_ids"])) + cfg.slack,
+                     (p.n + 1) * (len(bpe(p.question, add_special_tokens=False)["input_ids"]) + cfg.slack))
+                 for p in problems)
+    assert token_budget(TraceEncoder(bpe, PlainFormat()), problems, cfg) == tokens < chars
