@@ -58,6 +58,7 @@ from crv.evaluate.run import seed_spread, stored_evaluation
 from crv.extract import FingerprintArchive, archive_fingerprints, build_step_table, trace_keys
 from crv.reasoner.generate import generate_records
 from crv.tasks.cot import generate_problems
+from crv.tasks.sampling import case_control
 from crv.tasks.schema import Record, read_records, write_records
 
 RESULTS = Path(__file__).parent / "results"
@@ -72,6 +73,15 @@ def counts(spec: list[str]) -> dict[int, int]:
         return {int(k): int(v) for k, v in (s.split("=") for s in spec)}
     except ValueError:
         raise SystemExit(f"counts are n=count pairs such as 7=400, not {spec}") from None
+
+
+def task_ratio(spec: str) -> tuple[str, float]:
+    """``"bool=1"`` -> ``("bool", 1.0)``."""
+    key, _, value = spec.partition("=")
+    try:
+        return key, float(value)
+    except ValueError:
+        raise SystemExit(f"expected TASK=RATIO such as bool=1, not {spec!r}") from None
 
 
 def shard(spec: str) -> tuple[int, int]:
@@ -166,6 +176,13 @@ def main() -> None:
     ap.add_argument("--records-only", action="store_true", help="solve and label the problems, then stop")
     ap.add_argument("--shard", type=shard, default=None, metavar="I/N",
                     help="store the graphs of every N-th trace from the I-th (0-based) and stop; no step table")
+    ap.add_argument("--case-control", nargs="*", default=[], metavar="TASK=RATIO",
+                    help="for a task the model rarely errs on (e.g. bool=1): score every trace with an error and RATIO "
+                         "times as many error-free ones per n (crv.tasks.sampling); generate many problems with the counts")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="KEY",
+                    help="evaluate, then replace only these keys of each task's stored section (e.g. first_error, "
+                         "added after the stored run), after checking that every method both runs scored has the "
+                         "stored AUROC; everything else stored stays (e.g. PRMs not retrained: --prm-epochs 0)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     ap.add_argument("--evaluate-only", action="store_true",
                     help="build nothing: evaluate the seeds whose step tables are complete (an unfinished build's progress)")
@@ -184,6 +201,10 @@ def main() -> None:
     tasks = {t: c for t, c in (("arith", counts(args.arith)), ("bool", counts(args.bool))) if c}
     if not tasks:
         ap.error("no problems: give --arith or --bool counts")
+    ratios = dict(task_ratio(x) for x in args.case_control)
+    if set(ratios) - set(tasks):
+        ap.error(f"--case-control names tasks without problems: {sorted(set(ratios) - set(tasks))}")
+    designs: dict[str, dict] = {}
 
     start = time.time()
     records: dict[int, list[Record]] = {}
@@ -198,6 +219,12 @@ def main() -> None:
             print(f"seed {seed}: not generated yet, left out", flush=True)
             continue
         recs = {t: seed_records(att, t, c, seed, data / f"{t}-records.jsonl") for t, c in tasks.items()}
+        for t, ratio in ratios.items():
+            if not args.records_only:
+                recs[t], design = case_control(recs[t], ratio)
+                designs.setdefault(t, {})[str(seed)] = design.to_dict()
+                print(f"seed {seed}: {t} case-control: {design.with_error} of {design.generated} traces err, "
+                      f"{design.kept_clean} of {design.clean} error-free kept", flush=True)
         print(f"seed {seed}: " + ", ".join(f"{t} {len(r)} traces" for t, r in recs.items()), flush=True)
         if args.records_only:
             continue
@@ -256,7 +283,11 @@ def main() -> None:
                 "folds": args.folds, "n_boot": args.n_boot, "prm_epochs": args.prm_epochs,
                 "seed_evaluations_with_prm": bool(args.seed_prm and prm), "threads": args.threads,
                 "build_seconds": round(build_seconds), "step_target": "last", "extra_targets": list(extra),
-                "model": str(args.model or "models/reasoner"), "transcoders": str(args.transcoders or "models/transcoders")}
+                "model": str(args.model or "models/reasoner"), "transcoders": str(args.transcoders or "models/transcoders"),
+                "case_control": designs}
+    if args.merge:
+        merge_figures(results, args.merge, tasks, command, args.key)
+        return
     if len(tables) > 1:  # the pooled figures first, so that a stop during the per-seed evaluations loses nothing
         write_figures(results, {}, tasks, {**settings, "eval_seconds": round(time.time() - t0)}, command, args.run_dir,
                       args.key)
@@ -266,6 +297,40 @@ def main() -> None:
                  for s in tables] if len(tables) > 1 else [results])
     write_figures(results, seed_spread(per_seed), tasks, {**settings, "eval_seconds": round(time.time() - t0)},
                   command, args.run_dir, args.key)
+
+
+def write_json(path: Path, data: dict) -> None:
+    """``data`` as indented JSON at ``path``, atomically (a temporary file renamed)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=float) + "\n")
+    tmp.replace(path)
+
+
+def merge_figures(results: EvaluationResults, keys: list[str], tasks: dict, command: str, key: str | None = None,
+                  tolerance: float = 0.002) -> None:
+    """Replace ``keys`` of each task's stored section with this run's, only if the run reproduces the stored one:
+    every method scored in both has the stored AUROC within ``tolerance`` (a rebuilt table, other thread counts).
+    The merge is recorded in the section's settings as ``merged``: keys, command and the largest AUROC difference."""
+    path = RESULTS / "evaluation.json"
+    data = json.loads(path.read_text())
+    section = data[key] if key else data
+    worst = 0.0
+    for task in tasks:
+        new, old = results.tasks[task].to_dict(), section[task]
+        both = set(new["methods"]) & set(old["methods"])
+        diffs = {m: abs(new["methods"][m]["auroc"] - old["methods"][m]["auroc"]) for m in both}
+        bad = {m: d for m, d in diffs.items() if d > tolerance}
+        if bad:
+            raise SystemExit(f"{task}: this run does not reproduce the stored AUROCs ({bad}); rerun the full evaluation")
+        worst = max([worst, *diffs.values()])
+        for k in keys:
+            if k not in new:
+                raise SystemExit(f"{task}: this run has no {k!r} to merge")
+            old[k] = new[k]
+    section["settings"].setdefault("merged", []).append(
+        {"keys": keys, "command": command, "max_auroc_difference": round(worst, 6)})
+    write_json(path, data)
+    print(f"merged {keys} into {path} (methods' AUROCs within {worst:.2g} of the stored run)", flush=True)
 
 
 def write_figures(results: EvaluationResults, spread: dict, tasks: dict, settings: dict, command: str, run_dir: Path,
@@ -298,9 +363,7 @@ def write_figures(results: EvaluationResults, spread: dict, tasks: dict, setting
     else:  # the reasoner's sections replace the top level; other models' sections stay
         data = {**{k: v for k, v in old.items() if k not in out and k not in tasks and isinstance(v, dict)
                    and "settings" in v}, **out}
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=float) + "\n")
-    tmp.replace(path)
+    write_json(path, data)
     suffix = f"-{key}" if key else ""
     (RESULTS / f"evaluation{suffix}.md").write_text(f"# Evaluation\n\n`{command}`\n\n{results.extra['markdown']}\n")
     shutil.copy(run_dir / "summary.png", RESULTS / f"evaluation{suffix}.png")
