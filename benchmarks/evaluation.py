@@ -95,7 +95,8 @@ def shard(spec: str) -> tuple[int, int]:
     return i, n
 
 
-def seed_records(att: Attributor, task: str, per_n: dict[int, int], seed: int, path: Path) -> list[Record]:
+def seed_records(att: Attributor, task: str, per_n: dict[int, int], seed: int, path: Path,
+                 chunk: int = 256) -> list[Record]:
     """The seed's solved and labelled problems of one task: the first ``count`` problems of each n.
 
     Problems come in a fixed order per (task, n, seed), so a file written with smaller counts is
@@ -114,11 +115,13 @@ def seed_records(att: Attributor, task: str, per_n: dict[int, int], seed: int, p
             raise SystemExit(f"{path} does not hold the {task} problems of seed {seed} at n={n} in order; "
                              "move it away to generate them afresh")
         missing += problems[len(have):c]
-    if missing:
-        new = generate_records(att.model, att.encoder, missing)
-        write_records(stored + new, path)
+    for start in range(0, len(missing), chunk):  # written after each chunk: a stop loses at most one
+        new = generate_records(att.model, att.encoder, missing[start:start + chunk])
+        stored += new
+        write_records(stored, path)
         for r in new:
             by_n[r.n].append(r)
+        print(f"{path.name}: {start + len(new)} of {len(missing)} new problems solved", flush=True)
     return [r for n, c in per_n.items() for r in by_n[n][:c]]
 
 
