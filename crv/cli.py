@@ -198,6 +198,41 @@ def train_transcoders_cmd(
     typer.echo(f"saved {out}")
 
 
+@app.command("tune-transcoders")
+def tune_transcoders_cmd(
+    transcoders: Path = typer.Option(..., help="The trained transcoder set to start from (TopK)."),
+    out: Path = typer.Option(..., help="Output directory for the tuned set (checkpoints in OUT/checkpoint)."),
+    model: Optional[Path] = typer.Option(None, help="Model directory (default: the shipped reasoner)."),
+    prompt_format: Optional[str] = typer.Option(None, help="Prompt format: plain or chat (default: the model's own)."),
+    steps: int = typer.Option(300),
+    sequences: int = typer.Option(8, help="CoT traces per step."),
+    lr: float = typer.Option(5e-5),
+    local_coef: float = typer.Option(1.0, help="Weight of the layers' mean FVU beside the KL (keeps each transcoder local)."),
+    seed: int = typer.Option(1),
+    threads: int = typer.Option(0, help="torch threads (0: default)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the checkpoint in OUT/checkpoint."),
+    checkpoint_seconds: float = typer.Option(300.0, help="Seconds between checkpoints."),
+) -> None:
+    """Tune a transcoder set end to end: KL(model || replacement model) on assistant tokens + local FVU (resumable)."""
+    import torch
+
+    from crv.lm.load import DEFAULT_MODEL_DIR
+    from crv.transcoders.io import load_transcoders
+    from crv.transcoders.kl_tune import KLTuneConfig, kl_tune
+
+    if threads:
+        torch.set_num_threads(threads)
+    lm, encoder = _model_and_encoder(model, prompt_format)
+    cfg = KLTuneConfig(steps=steps, sequences=sequences, lr=lr, local_coef=local_coef, seed=seed)
+    try:
+        kl_tune(lm, encoder, load_transcoders(transcoders, model=lm), cfg, out,
+                model_name=(model or DEFAULT_MODEL_DIR).resolve().name, command="crv " + " ".join(sys.argv[1:]),
+                resume=resume, checkpoint_seconds=checkpoint_seconds)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--transcoders / --resume") from e
+    typer.echo(f"saved {out}")
+
+
 @app.command("finetune")
 def finetune_cmd(
     model: Path = typer.Option(..., help="Base model directory (`crv import-model` makes one from GGUF / HF)."),

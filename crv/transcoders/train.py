@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -72,7 +73,7 @@ def resample_dead(
     return idx
 
 
-class _LayerTrainer:
+class LayerTrainer:
     def __init__(self, tc: TopKTranscoder, cfg: TranscoderTrainConfig):
         self.tc, self.cfg = tc, cfg
         self.opt = torch.optim.Adam(tc.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
@@ -128,7 +129,7 @@ class _LayerTrainer:
         return loss.item(), n_dead / tc.shape.d_transcoder
 
 
-def _save_checkpoint(trainers: list[_LayerTrainer], step: int, log: list[dict], seconds: float, cfg: TranscoderTrainConfig,
+def save_checkpoint(trainers: list[LayerTrainer], step: int, log: list[dict], seconds: float, cfg: Any,
                      where: Path) -> None:
     """Every layer's weights, Adam moments, dead-feature counters and generator state at ``step`` (atomic)."""
     import json
@@ -156,8 +157,9 @@ def _save_checkpoint(trainers: list[_LayerTrainer], step: int, log: list[dict], 
             old.unlink(missing_ok=True)
 
 
-def _load_checkpoint(trainers: list[_LayerTrainer], cfg: TranscoderTrainConfig, where: Path) -> tuple[int, list[dict], float]:
-    """Restore a checkpoint written by :func:`_save_checkpoint`; returns (next step, log, seconds so far)."""
+def load_checkpoint(trainers: list[LayerTrainer], cfg: Any, where: Path) -> tuple[int, list[dict], float]:
+    """Restore a checkpoint written by :func:`save_checkpoint` with the same dataclass ``cfg`` (its ``steps`` may
+    differ); returns (next step, log, seconds so far)."""
     import json
 
     from safetensors.torch import load_file
@@ -219,11 +221,11 @@ def train_transcoders(
             recon = feats @ tc.W_dec
             scale = (y0[layer] - y0[layer].mean(0)).norm(dim=-1).mean() / recon.norm(dim=-1).mean().clamp_min(1e-8)
             tc.W_enc.mul_(scale)
-        trainers.append(_LayerTrainer(tc, cfg))
+        trainers.append(LayerTrainer(tc, cfg))
     log: list[dict] = []
     first, elapsed = 0, 0.0
     if resuming:
-        first, log, elapsed = _load_checkpoint(trainers, cfg, ck)  # type: ignore[arg-type]
+        first, log, elapsed = load_checkpoint(trainers, cfg, ck)  # type: ignore[arg-type]
         if pool is None:
             stream = ActivationStream(model, encoder, cfg.batch_tokens, cfg.buffer_tokens, seed=cfg.seed + 7919 * first)
     start = time.time() - elapsed
@@ -243,7 +245,7 @@ def train_transcoders(
                         "seconds": round(time.time() - start, 1)})
             bar.set_postfix(fvu=" ".join(f"{s[0]:.3f}" for s in stats))
         if ck is not None and (time.time() - last_ck >= checkpoint_seconds or step == cfg.steps - 1):
-            _save_checkpoint(trainers, step, log, time.time() - start, cfg, ck)
+            save_checkpoint(trainers, step, log, time.time() - start, cfg, ck)
             last_ck = time.time()
     transcoders = [t.tc.requires_grad_(False).eval() for t in trainers]
     if out_dir is not None:
